@@ -1,0 +1,182 @@
+"""Values the rest of the library passes around: operations, policies, triggers, mutations."""
+
+from __future__ import annotations
+
+import math
+import re
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import TypeAlias
+
+from dispatcher.core.errors import InvalidInput
+
+JsonValue: TypeAlias = (
+    "None | bool | int | float | str | Sequence[JsonValue] | Mapping[str, JsonValue]"
+)
+
+# Names (scopes, trigger names, namespaces, targets, principals) are identifiers an operator
+# reads in logs and tables; keep them printable and bounded.
+MAX_NAME_LENGTH = 200
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class Op(StrEnum):
+    PUT = "put"
+    DELETE = "delete"
+
+
+class BackoffKind(StrEnum):
+    EXPONENTIAL = "exponential"
+    LINEAR = "linear"
+    CONSTANT = "constant"
+
+
+def check_name(field_name: str, value: object, *, max_length: int = MAX_NAME_LENGTH) -> str:
+    """Validate an identifier-like string: non-empty, bounded, no control characters."""
+    if not isinstance(value, str):
+        raise InvalidInput(field_name, value, "must be a string")
+    if not value:
+        raise InvalidInput(field_name, value, "must not be empty")
+    if len(value) > max_length:
+        raise InvalidInput(field_name, value, f"must be at most {max_length} characters")
+    if _CONTROL.search(value):
+        raise InvalidInput(field_name, value, "must not contain control characters")
+    return value
+
+
+def _finite_number(field_name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidInput(field_name, value, "must be a number")
+    number = float(value)
+    if not math.isfinite(number):
+        raise InvalidInput(field_name, value, "must be a finite number")
+    return number
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How a trigger's failed executions are retried.
+
+    Delays are in seconds. ``jitter`` is a ratio in [0, 1]: each delay is spread uniformly
+    over ``delay * (1 ± jitter)``, then capped at ``max_delay``. ``max_event_age`` (seconds,
+    optional) bounds an event's total age across all retries and rate-limited reschedules.
+
+    >>> RetryPolicy(kind=BackoffKind.LINEAR, base_delay=2.0, max_attempts=3)
+    RetryPolicy(kind=<BackoffKind.LINEAR: 'linear'>, base_delay=2.0, ...)
+    """
+
+    kind: BackoffKind = BackoffKind.EXPONENTIAL
+    base_delay: float = 1.0
+    factor: float = 2.0
+    max_delay: float = 300.0
+    jitter: float = 0.1
+    max_attempts: int = 5
+    max_event_age: float | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            kind = BackoffKind(self.kind)
+        except ValueError:
+            raise InvalidInput(
+                "retry.kind", self.kind, f"must be one of {[k.value for k in BackoffKind]}"
+            ) from None
+        object.__setattr__(self, "kind", kind)
+        base = _finite_number("retry.base_delay", self.base_delay)
+        if base < 0:
+            raise InvalidInput("retry.base_delay", self.base_delay, "must not be negative")
+        factor = _finite_number("retry.factor", self.factor)
+        if factor < 0:
+            raise InvalidInput("retry.factor", self.factor, "must not be negative")
+        if kind is BackoffKind.EXPONENTIAL and factor < 1:
+            raise InvalidInput(
+                "retry.factor", self.factor, "must be at least 1 for exponential backoff"
+            )
+        max_delay = _finite_number("retry.max_delay", self.max_delay)
+        if max_delay < 0:
+            raise InvalidInput("retry.max_delay", self.max_delay, "must not be negative")
+        if max_delay < base:
+            raise InvalidInput(
+                "retry.max_delay", self.max_delay, f"must be at least base_delay ({base})"
+            )
+        jitter = _finite_number("retry.jitter", self.jitter)
+        if not 0.0 <= jitter <= 1.0:
+            raise InvalidInput("retry.jitter", self.jitter, "must be between 0 and 1")
+        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int):
+            raise InvalidInput("retry.max_attempts", self.max_attempts, "must be an integer")
+        if self.max_attempts < 1:
+            raise InvalidInput("retry.max_attempts", self.max_attempts, "must be at least 1")
+        if self.max_attempts > 1000:
+            raise InvalidInput("retry.max_attempts", self.max_attempts, "must be at most 1000")
+        if self.max_event_age is not None:
+            age = _finite_number("retry.max_event_age", self.max_event_age)
+            if age <= 0:
+                raise InvalidInput("retry.max_event_age", self.max_event_age, "must be positive")
+            object.__setattr__(self, "max_event_age", age)
+        object.__setattr__(self, "base_delay", base)
+        object.__setattr__(self, "factor", factor)
+        object.__setattr__(self, "max_delay", max_delay)
+        object.__setattr__(self, "jitter", jitter)
+
+
+@dataclass(frozen=True, slots=True)
+class Mutation:
+    """One put or delete of a key in a namespace, within a scope (a tenant or an app).
+
+    ``value`` is the new value for a put (any JSON value), ``None`` for a delete.
+    ``event_id`` makes emitting idempotent: the same event id never enqueues a trigger twice.
+    ``depth`` is how many trigger executions led to this mutation (0 for a user's write).
+
+    >>> Mutation(scope="acme", namespace="users", key="users/42", op=Op.PUT, value={"n": 1})
+    """
+
+    scope: str
+    namespace: str
+    key: str
+    op: Op
+    value: JsonValue = None
+    event_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    depth: int = 0
+
+    def __post_init__(self) -> None:
+        check_name("scope", self.scope)
+        check_name("namespace", self.namespace)
+        check_key("key", self.key)
+        try:
+            object.__setattr__(self, "op", Op(self.op))
+        except ValueError:
+            raise InvalidInput("op", self.op, f"must be one of {[o.value for o in Op]}") from None
+        if not isinstance(self.event_id, uuid.UUID):
+            raise InvalidInput("event_id", self.event_id, "must be a uuid.UUID")
+        if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 0:
+            raise InvalidInput("depth", self.depth, "must be a non-negative integer")
+
+
+MAX_KEY_LENGTH = 1024
+
+
+def check_key(field_name: str, value: object) -> str:
+    """Keys are arbitrary printable text (``%``, ``_`` and ``\\`` included), bounded."""
+    return check_name(field_name, value, max_length=MAX_KEY_LENGTH)
+
+
+@dataclass(frozen=True, slots=True)
+class Trigger:
+    """A registered trigger, as stored."""
+
+    id: int
+    scope: str
+    name: str
+    namespace: str
+    key_pattern: str
+    ops: frozenset[Op]
+    target: str
+    retry: RetryPolicy
+    timeout: float
+    enabled: bool
+    is_dead_letter_handler: bool
+    registered_by: str
+    created_at: datetime
+    updated_at: datetime

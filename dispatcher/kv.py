@@ -1,0 +1,98 @@
+"""A reference key/value store whose writes emit trigger events in the same transaction.
+
+>>> kv = KvStore()
+>>> await kv.put(conn, "acme", "users", "users/42", {"plan": "pro"})
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from dispatcher.core.models import JsonValue, Mutation, Op
+from dispatcher.db import Connection
+from dispatcher.emit import Emitter, Enqueued
+from dispatcher.sql import Sql, queries
+
+
+@dataclass(frozen=True, slots=True)
+class KvWrite:
+    """What a put or delete did: the key's new version (None: delete of a missing key) and
+    the outbox rows its event enqueued."""
+
+    version: int | None
+    event_id: uuid.UUID
+    enqueued: Sequence[Enqueued]
+
+
+@dataclass(frozen=True, slots=True)
+class KvEntry:
+    key: str
+    value: JsonValue
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class KvStore:
+    """Put, get and delete over the ``kv`` table; every write emits with its trigger depth."""
+
+    emitter: Emitter = field(default_factory=Emitter)
+
+    async def put(
+        self,
+        conn: Connection,
+        scope: str,
+        namespace: str,
+        key: str,
+        value: JsonValue,
+        *,
+        depth: int = 0,
+        event_id: uuid.UUID | None = None,
+    ) -> KvWrite:
+        mutation = Mutation(
+            scope, namespace, key, Op.PUT, value, event_id=event_id or uuid.uuid4(), depth=depth
+        )
+        q = self._q()
+        # Validates size and encodability before anything is written.
+        stored = json.dumps(value, ensure_ascii=False, allow_nan=False)
+        async with conn.transaction():
+            version = await conn.fetchval(q.kv_put, scope, namespace, key, stored)
+            enqueued = await self.emitter.emit(conn, mutation)
+        return KvWrite(version, mutation.event_id, enqueued)
+
+    async def delete(
+        self,
+        conn: Connection,
+        scope: str,
+        namespace: str,
+        key: str,
+        *,
+        depth: int = 0,
+        event_id: uuid.UUID | None = None,
+    ) -> KvWrite:
+        """Delete the key. The event is emitted only when a value was actually removed."""
+        mutation = Mutation(
+            scope, namespace, key, Op.DELETE, None, event_id=event_id or uuid.uuid4(), depth=depth
+        )
+        q = self._q()
+        async with conn.transaction():
+            version = await conn.fetchval(q.kv_delete, scope, namespace, key)
+            enqueued = [] if version is None else await self.emitter.emit(conn, mutation)
+        return KvWrite(version, mutation.event_id, enqueued)
+
+    async def get(self, conn: Connection, scope: str, namespace: str, key: str) -> KvEntry | None:
+        row = await conn.fetchrow(self._q().kv_get, scope, namespace, key)
+        if row is None:
+            return None
+        return KvEntry(key, json.loads(row["value"]), row["version"])
+
+    async def list(
+        self, conn: Connection, scope: str, namespace: str, *, prefix: str = "", limit: int = 1000
+    ) -> list[KvEntry]:
+        rows = await conn.fetch(self._q().kv_list, scope, namespace, prefix, limit)
+        return [KvEntry(r["key"], json.loads(r["value"]), r["version"]) for r in rows]
+
+    def _q(self) -> Sql:
+        return queries(self.emitter.schema)

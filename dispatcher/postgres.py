@@ -1,0 +1,145 @@
+"""Find a Postgres server for tests and the demo.
+
+In order: a DSN from the environment; a testcontainers container when a Docker engine
+answers; otherwise an embedded server from the ``pgserver`` wheel (extra ``embedded``), so a
+machine with only Python can run everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+from urllib.parse import quote, urlsplit, urlunsplit
+
+log = logging.getLogger("dispatcher.postgres")
+
+Source = Literal["env", "testcontainers", "embedded"]
+
+
+class ServerControl(Protocol):
+    """Stop and start the server (fault-injection tests); absent for an external DSN."""
+
+    def stop(self) -> None: ...
+    def start(self) -> None: ...
+
+
+@dataclass
+class ProvidedPostgres:
+    dsn: str
+    source: Source
+    control: ServerControl | None = field(default=None)
+
+
+def with_database(dsn: str, database: str) -> str:
+    """The same DSN pointing at another database (URL form ``postgresql://…/dbname?…``)."""
+    parts = urlsplit(dsn)
+    if parts.scheme not in ("postgres", "postgresql"):
+        raise ValueError(f"expected a postgresql:// URL, got {parts.scheme!r}")
+    return urlunsplit(parts._replace(path="/" + quote(database)))
+
+
+def docker_available() -> bool:
+    """True when a Docker engine answers within a second."""
+    try:
+        import docker
+    except ImportError:
+        return False
+    try:
+        client = docker.from_env(timeout=1)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except Exception:  # any failure to reach an engine means "no Docker here"
+        return False
+
+
+@contextlib.contextmanager
+def provide_postgres(env_var: str, *, image: str = "postgres:16-alpine") -> Iterator[ProvidedPostgres]:
+    """Yield a running server, cleaned up on exit; see the module docstring for the order."""
+    dsn = os.environ.get(env_var)
+    if dsn:
+        log.info("using Postgres from %s", env_var, extra={"event": "postgres.env"})
+        yield ProvidedPostgres(dsn, "env")
+        return
+    if docker_available():
+        with _container(image) as provided:
+            yield provided
+        return
+    with embedded_postgres() as provided:
+        yield provided
+
+
+@contextlib.contextmanager
+def _container(image: str) -> Iterator[ProvidedPostgres]:
+    from testcontainers.postgres import PostgresContainer
+
+    container = PostgresContainer(image, driver=None)
+    container.start()
+    try:
+        dsn = container.get_connection_url()
+        yield ProvidedPostgres(dsn, "testcontainers", _ContainerControl(container))
+    finally:
+        container.stop()
+
+
+@dataclass
+class _ContainerControl:
+    container: object
+
+    def stop(self) -> None:
+        self.container.get_wrapped_container().stop()  # type: ignore[attr-defined]
+
+    def start(self) -> None:
+        self.container.get_wrapped_container().start()  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def embedded_postgres(data_dir: Path | None = None) -> Iterator[ProvidedPostgres]:
+    """Start a throw-away server from the ``pgserver`` wheel; stop it and delete its files."""
+    server_module = _import_pgserver()
+    owned = data_dir is None
+    path = Path(tempfile.mkdtemp(prefix="dispatcher-pg-")) if data_dir is None else data_dir
+    server = server_module.get_server(path, cleanup_mode="stop")
+    try:
+        yield ProvidedPostgres(server.get_uri(), "embedded", _EmbeddedControl(server))
+    finally:
+        server.cleanup()
+        if owned:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _import_pgserver():  # type: ignore[no-untyped-def]
+    # pgserver resolves a runtime directory at import time and warns when XDG_RUNTIME_DIR is
+    # unset (containers, CI); the fallback it picks is fine for a throw-away server.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            import pgserver
+        except ImportError:
+            raise RuntimeError(
+                "no Postgres available: set a DSN, run a Docker engine, or install the "
+                "embedded server with `pip install 'dispatcher[embedded]'`"
+            ) from None
+    return pgserver
+
+
+@dataclass
+class _EmbeddedControl:
+    server: object
+
+    def stop(self) -> None:
+        from pgserver._commands import pg_ctl
+
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.server.pgdata, user=self.server.system_user)  # type: ignore[attr-defined]
+
+    def start(self) -> None:
+        self.server.ensure_postgres_running()  # type: ignore[attr-defined]

@@ -1,0 +1,212 @@
+"""SQLAlchemy table metadata: the schema's source of truth for alembic and the drift test.
+
+The tables live in one Postgres schema whose name the host chooses (default ``dispatcher``);
+``build_metadata(schema)`` returns the metadata bound to that name.
+"""
+
+from __future__ import annotations
+
+import re
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    Float,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TIMESTAMP, UUID
+from sqlalchemy.sql.elements import TextClause
+
+from dispatcher.core.errors import InvalidInput
+
+DEFAULT_SCHEMA = "dispatcher"
+VERSION_TABLE = "dispatcher_alembic_version"
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+# The outbox churns: every row is inserted, updated once or twice and deleted within
+# seconds. Vacuum it early and often so dead tuples do not pile up in the claim index.
+OUTBOX_STORAGE = {
+    "autovacuum_vacuum_scale_factor": "0.01",
+    "autovacuum_vacuum_threshold": "1000",
+    "autovacuum_vacuum_insert_scale_factor": "0.05",
+    "autovacuum_analyze_scale_factor": "0.02",
+    "autovacuum_vacuum_cost_delay": "1",
+}
+
+
+def check_schema_name(schema: str) -> str:
+    if not isinstance(schema, str) or not _SCHEMA_NAME.fullmatch(schema):
+        raise InvalidInput(
+            "schema",
+            schema,
+            "must be a lower-case Postgres identifier: a letter or '_', then letters, digits "
+            "or '_', at most 63 characters",
+        )
+    return schema
+
+
+def _now() -> TextClause:
+    return text("clock_timestamp()")
+
+
+def _ts(name: str, *, nullable: bool = False, default: bool = False) -> Column[object]:
+    return Column(
+        name,
+        TIMESTAMP(timezone=True),
+        nullable=nullable,
+        server_default=_now() if default else None,
+    )
+
+
+def _policy_columns() -> list[Column[object]]:
+    return [
+        Column("retry_kind", Text, nullable=False),
+        Column("retry_base_delay", Float, nullable=False),
+        Column("retry_factor", Float, nullable=False),
+        Column("retry_max_delay", Float, nullable=False),
+        Column("retry_jitter", Float, nullable=False),
+        Column("max_attempts", Integer, nullable=False),
+        Column("max_event_age", Float, nullable=True),
+        Column("timeout", Float, nullable=False),
+    ]
+
+
+def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
+    schema = check_schema_name(schema)
+    md = MetaData(schema=schema)
+
+    Table(
+        "triggers",
+        md,
+        Column("id", BigInteger, Identity(), nullable=False),
+        Column("scope", Text, nullable=False),
+        Column("name", Text, nullable=False),
+        Column("namespace", Text, nullable=False),
+        Column("key_pattern", Text, nullable=False),
+        Column("pattern_kind", Text, nullable=False),
+        Column("match_prefix", Text, nullable=False),
+        Column("match_like", Text, nullable=True),
+        Column("ops", ARRAY(Text), nullable=False),
+        Column("target", Text, nullable=False),
+        *_policy_columns(),
+        Column("enabled", Boolean, nullable=False, server_default=text("true")),
+        Column("is_dead_letter_handler", Boolean, nullable=False, server_default=text("false")),
+        Column("registered_by", Text, nullable=False),
+        _ts("created_at", default=True),
+        _ts("updated_at", default=True),
+        PrimaryKeyConstraint("id", name="triggers_pkey"),
+        UniqueConstraint("scope", "name", name="triggers_scope_name_key"),
+        CheckConstraint(
+            "pattern_kind IN ('exact', 'prefix', 'glob')", name="triggers_pattern_kind_check"
+        ),
+        # Emit probes (scope, namespace, match_prefix = ANY(prefixes of the key)): one index
+        # lookup per prefix, whatever the number of triggers in the scope.
+        Index("triggers_match_idx", "scope", "namespace", "match_prefix"),
+    )
+
+    Table(
+        "outbox",
+        md,
+        Column("id", BigInteger, Identity(), nullable=False),
+        Column("event_id", UUID(as_uuid=True), nullable=False),
+        Column("trigger_id", BigInteger, nullable=False),
+        Column("scope", Text, nullable=False),
+        Column("trigger_name", Text, nullable=False),
+        Column("target", Text, nullable=False),
+        Column("registered_by", Text, nullable=False),
+        Column("payload", JSONB, nullable=False),
+        *_policy_columns(),
+        Column("attempts", Integer, nullable=False, server_default=text("0")),
+        Column("orphans", Integer, nullable=False, server_default=text("0")),
+        Column("depth", Integer, nullable=False, server_default=text("0")),
+        # A claimed row's due_at is its lease expiry: one index serves "due" and "lease
+        # expired" alike, and the lease token tells a live claim from a new row.
+        _ts("due_at", default=True),
+        Column("lease_token", UUID(as_uuid=True), nullable=True),
+        Column("reply_to", Text, nullable=True),
+        Column("reply_owner", Text, nullable=True),
+        _ts("reply_deadline", nullable=True),
+        Column("dead_letter_id", BigInteger, nullable=True),
+        Column("errors", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
+        _ts("created_at", default=True),
+        PrimaryKeyConstraint("id", name="outbox_pkey"),
+        UniqueConstraint("event_id", "trigger_id", name="outbox_event_trigger_key"),
+        Index("outbox_due_idx", "due_at"),
+        postgresql_with=OUTBOX_STORAGE,
+    )
+
+    Table(
+        "dead_letters",
+        md,
+        Column("id", BigInteger, Identity(), nullable=False),
+        Column("outbox_id", BigInteger, nullable=False),
+        Column("event_id", UUID(as_uuid=True), nullable=False),
+        Column("trigger_id", BigInteger, nullable=False),
+        Column("scope", Text, nullable=False),
+        Column("trigger_name", Text, nullable=False),
+        Column("target", Text, nullable=False),
+        Column("registered_by", Text, nullable=False),
+        Column("payload", JSONB, nullable=False),
+        Column("policy", JSONB, nullable=False),
+        Column("depth", Integer, nullable=False),
+        Column("attempts", Integer, nullable=False),
+        Column("reason", Text, nullable=False),
+        Column("errors", JSONB, nullable=False),
+        Column("resolution", Text, nullable=False, server_default=text("'open'")),
+        Column("resolution_note", Text, nullable=True),
+        Column("replayed_as", UUID(as_uuid=True), nullable=True),
+        _ts("event_created_at"),
+        _ts("dead_lettered_at", default=True),
+        _ts("resolved_at", nullable=True),
+        PrimaryKeyConstraint("id", name="dead_letters_pkey"),
+        CheckConstraint(
+            "resolution IN ('open', 'handled', 'handler_failed', 'replayed', 'discarded')",
+            name="dead_letters_resolution_check",
+        ),
+        Index("dead_letters_scope_idx", "scope", "resolution", "dead_lettered_at"),
+        Index("dead_letters_trigger_idx", "trigger_id", "dead_lettered_at"),
+    )
+
+    Table(
+        "abandoned_executions",
+        md,
+        Column("id", BigInteger, Identity(), nullable=False),
+        Column("reply_to", Text, nullable=False),
+        Column("event_id", UUID(as_uuid=True), nullable=False),
+        Column("trigger_id", BigInteger, nullable=False),
+        Column("scope", Text, nullable=False),
+        Column("target", Text, nullable=False),
+        Column("status", Integer, nullable=False),
+        Column("outcome", Text, nullable=False),
+        Column("result", JSONB, nullable=True),
+        Column("error", Text, nullable=True),
+        _ts("created_at", default=True),
+        PrimaryKeyConstraint("id", name="abandoned_executions_pkey"),
+        CheckConstraint(
+            "outcome IN ('success', 'failure')", name="abandoned_executions_outcome_check"
+        ),
+        Index("abandoned_executions_created_idx", "created_at"),
+    )
+
+    Table(
+        "kv",
+        md,
+        Column("scope", Text, nullable=False),
+        Column("namespace", Text, nullable=False),
+        Column("key", Text, nullable=False),
+        Column("value", JSONB, nullable=False),
+        Column("version", BigInteger, nullable=False, server_default=text("1")),
+        _ts("updated_at", default=True),
+        PrimaryKeyConstraint("scope", "namespace", "key", name="kv_pkey"),
+    )
+    return md

@@ -1,0 +1,196 @@
+"""Register, look up, enable, disable and delete triggers.
+
+>>> registry = TriggerRegistry()
+>>> trigger = await registry.register(conn, scope="acme", name="welcome", namespace="users",
+...     key_pattern="users/*", target="send_welcome", registered_by="user:7")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import asyncpg
+
+from dispatcher.core.errors import InvalidInput, LimitExceeded, TriggerExists, TriggerNotFound
+from dispatcher.core.models import (
+    BackoffKind,
+    Op,
+    RetryPolicy,
+    Trigger,
+    check_name,
+)
+from dispatcher.core.patterns import compile_pattern
+from dispatcher.db import Connection
+from dispatcher.schema import DEFAULT_SCHEMA
+from dispatcher.sql import queries
+
+DEFAULT_TIMEOUT = 30.0
+MAX_TIMEOUT = 3600.0
+
+
+def _check_ops(ops: object) -> frozenset[Op]:
+    if isinstance(ops, str) or not isinstance(ops, Iterable):
+        raise InvalidInput("ops", ops, "must be a collection of 'put' and/or 'delete'")
+    result: set[Op] = set()
+    for op in ops:
+        try:
+            result.add(Op(op))
+        except ValueError:
+            raise InvalidInput("ops", op, f"unknown op; use {[o.value for o in Op]}") from None
+    if not result:
+        raise InvalidInput("ops", ops, "must name at least one op")
+    return frozenset(result)
+
+
+def _check_timeout(timeout: object) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise InvalidInput("timeout", timeout, "must be a number of seconds")
+    value = float(timeout)
+    if not 0 < value <= MAX_TIMEOUT:
+        raise InvalidInput("timeout", timeout, f"must be in (0, {MAX_TIMEOUT}] seconds")
+    return value
+
+
+def trigger_from_record(row: asyncpg.Record) -> Trigger:
+    return Trigger(
+        id=row["id"],
+        scope=row["scope"],
+        name=row["name"],
+        namespace=row["namespace"],
+        key_pattern=row["key_pattern"],
+        ops=frozenset(Op(o) for o in row["ops"]),
+        target=row["target"],
+        retry=policy_from_record(row),
+        timeout=row["timeout"],
+        enabled=row["enabled"],
+        is_dead_letter_handler=row["is_dead_letter_handler"],
+        registered_by=row["registered_by"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def policy_from_record(row: asyncpg.Record) -> RetryPolicy:
+    return RetryPolicy(
+        kind=BackoffKind(row["retry_kind"]),
+        base_delay=row["retry_base_delay"],
+        factor=row["retry_factor"],
+        max_delay=row["retry_max_delay"],
+        jitter=row["retry_jitter"],
+        max_attempts=row["max_attempts"],
+        max_event_age=row["max_event_age"],
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class TriggerRegistry:
+    """Trigger CRUD for one schema, with a cap on triggers per scope."""
+
+    schema: str = DEFAULT_SCHEMA
+    max_triggers_per_scope: int = 1000
+
+    async def register(
+        self,
+        conn: Connection,
+        *,
+        scope: str,
+        name: str,
+        namespace: str,
+        key_pattern: str,
+        target: str,
+        registered_by: str,
+        ops: Iterable[Op | str] = (Op.PUT, Op.DELETE),
+        retry: RetryPolicy | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        enabled: bool = True,
+        is_dead_letter_handler: bool = False,
+    ) -> Trigger:
+        """Validate and store a trigger; raises a typed error naming the bad field.
+
+        A dead-letter handler trigger does not fire on mutations: it runs once for each new
+        dead letter of its scope whose event's namespace and key it matches.
+        """
+        check_name("scope", scope)
+        check_name("name", name)
+        check_name("namespace", namespace)
+        check_name("target", target)
+        check_name("registered_by", registered_by)
+        pattern = compile_pattern(key_pattern)
+        op_set = _check_ops(ops)
+        policy = retry if retry is not None else RetryPolicy()
+        if not isinstance(policy, RetryPolicy):
+            raise InvalidInput("retry", policy, "must be a RetryPolicy")
+        seconds = _check_timeout(timeout)
+        q = queries(self.schema)
+        async with conn.transaction():
+            await conn.execute(q.lock_scope, scope)
+            row = await conn.fetchrow(
+                q.insert_trigger,
+                scope,
+                name,
+                namespace,
+                pattern.source,
+                pattern.kind.value,
+                pattern.prefix,
+                pattern.like,
+                sorted(o.value for o in op_set),
+                target,
+                policy.kind.value,
+                policy.base_delay,
+                policy.factor,
+                policy.max_delay,
+                policy.jitter,
+                policy.max_attempts,
+                policy.max_event_age,
+                seconds,
+                bool(enabled),
+                bool(is_dead_letter_handler),
+                registered_by,
+                self.max_triggers_per_scope,
+            )
+            if row is None:
+                if await conn.fetchval(q.trigger_exists, scope, name):
+                    raise TriggerExists(scope, name)
+                count = await conn.fetchval(q.count_triggers, scope)
+                raise LimitExceeded(
+                    f"triggers in scope {scope!r}",
+                    int(count) + 1,
+                    self.max_triggers_per_scope,
+                    "max_triggers_per_scope",
+                )
+        return trigger_from_record(row)
+
+    async def get(self, conn: Connection, trigger_id: int) -> Trigger:
+        row = await conn.fetchrow(queries(self.schema).get_trigger, trigger_id)
+        if row is None:
+            raise TriggerNotFound(trigger_id)
+        return trigger_from_record(row)
+
+    async def get_by_name(self, conn: Connection, scope: str, name: str) -> Trigger:
+        row = await conn.fetchrow(queries(self.schema).get_trigger_by_name, scope, name)
+        if row is None:
+            raise TriggerNotFound(f"{scope}/{name}")
+        return trigger_from_record(row)
+
+    async def list(self, conn: Connection, *, scope: str | None = None) -> Sequence[Trigger]:
+        rows = await conn.fetch(queries(self.schema).list_triggers, scope)
+        return [trigger_from_record(r) for r in rows]
+
+    async def enable(self, conn: Connection, trigger_id: int) -> Trigger:
+        return await self._set_enabled(conn, trigger_id, True)
+
+    async def disable(self, conn: Connection, trigger_id: int) -> Trigger:
+        """Stop matching new mutations; rows already enqueued still run."""
+        return await self._set_enabled(conn, trigger_id, False)
+
+    async def delete(self, conn: Connection, trigger_id: int) -> None:
+        """Remove the trigger; rows already enqueued keep their snapshot and still run."""
+        if await conn.fetchval(queries(self.schema).delete_trigger, trigger_id) is None:
+            raise TriggerNotFound(trigger_id)
+
+    async def _set_enabled(self, conn: Connection, trigger_id: int, enabled: bool) -> Trigger:
+        row = await conn.fetchrow(queries(self.schema).set_trigger_enabled, trigger_id, enabled)
+        if row is None:
+            raise TriggerNotFound(trigger_id)
+        return trigger_from_record(row)
