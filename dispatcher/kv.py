@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from dispatcher.core.models import JsonValue, Mutation, Op
 from dispatcher.db import Connection
-from dispatcher.emit import Emitter, Enqueued
+from dispatcher.emit import Emitter, Enqueued, encode_event
 from dispatcher.sql import Sql, queries
 
 
@@ -55,8 +55,9 @@ class KvStore:
             scope, namespace, key, Op.PUT, value, event_id=event_id or uuid.uuid4(), depth=depth
         )
         q = self._q()
-        # Validates size and encodability before anything is written.
-        stored = json.dumps(value, ensure_ascii=False, allow_nan=False)
+        # Validate size and encodability before anything is written.
+        encode_event(mutation, max_bytes=self.emitter.max_payload_bytes)
+        stored = json.dumps(value, ensure_ascii=False)
         async with conn.transaction():
             version = await conn.fetchval(q.kv_put, scope, namespace, key, stored)
             enqueued = await self.emitter.emit(conn, mutation)

@@ -11,13 +11,19 @@ import contextlib
 import logging
 import os
 import shutil
+import subprocess
 import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from types import ModuleType
+from typing import TYPE_CHECKING, Literal, Protocol
 from urllib.parse import quote, urlsplit, urlunsplit
+
+if TYPE_CHECKING:
+    from pgserver.postgres_server import PostgresServer
+    from testcontainers.postgres import PostgresContainer
 
 log = logging.getLogger("dispatcher.postgres")
 
@@ -63,7 +69,9 @@ def docker_available() -> bool:
 
 
 @contextlib.contextmanager
-def provide_postgres(env_var: str, *, image: str = "postgres:16-alpine") -> Iterator[ProvidedPostgres]:
+def provide_postgres(
+    env_var: str, *, image: str = "postgres:16-alpine"
+) -> Iterator[ProvidedPostgres]:
     """Yield a running server, cleaned up on exit; see the module docstring for the order."""
     dsn = os.environ.get(env_var)
     if dsn:
@@ -93,22 +101,22 @@ def _container(image: str) -> Iterator[ProvidedPostgres]:
 
 @dataclass
 class _ContainerControl:
-    container: object
+    container: PostgresContainer
 
     def stop(self) -> None:
-        self.container.get_wrapped_container().stop()  # type: ignore[attr-defined]
+        self.container.get_wrapped_container().stop()
 
     def start(self) -> None:
-        self.container.get_wrapped_container().start()  # type: ignore[attr-defined]
+        self.container.get_wrapped_container().start()
 
 
 @contextlib.contextmanager
 def embedded_postgres(data_dir: Path | None = None) -> Iterator[ProvidedPostgres]:
     """Start a throw-away server from the ``pgserver`` wheel; stop it and delete its files."""
-    server_module = _import_pgserver()
+    pgserver = _import_pgserver()
     owned = data_dir is None
     path = Path(tempfile.mkdtemp(prefix="dispatcher-pg-")) if data_dir is None else data_dir
-    server = server_module.get_server(path, cleanup_mode="stop")
+    server = pgserver.get_server(path, cleanup_mode="stop")
     try:
         yield ProvidedPostgres(server.get_uri(), "embedded", _EmbeddedControl(server))
     finally:
@@ -117,7 +125,7 @@ def embedded_postgres(data_dir: Path | None = None) -> Iterator[ProvidedPostgres
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _import_pgserver():  # type: ignore[no-untyped-def]
+def _import_pgserver() -> ModuleType:
     # pgserver resolves a runtime directory at import time and warns when XDG_RUNTIME_DIR is
     # unset (containers, CI); the fallback it picks is fine for a throw-away server.
     with warnings.catch_warnings():
@@ -134,12 +142,26 @@ def _import_pgserver():  # type: ignore[no-untyped-def]
 
 @dataclass
 class _EmbeddedControl:
-    server: object
+    server: PostgresServer
 
     def stop(self) -> None:
-        from pgserver._commands import pg_ctl
+        from pgserver._commands import POSTGRES_BIN_PATH
 
-        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.server.pgdata, user=self.server.system_user)  # type: ignore[attr-defined]
+        subprocess.run(
+            [
+                str(POSTGRES_BIN_PATH / "pg_ctl"),
+                "-D",
+                str(self.server.pgdata),
+                "-w",
+                "-m",
+                "fast",
+                "stop",
+            ],
+            user=self.server.system_user,
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
 
     def start(self) -> None:
-        self.server.ensure_postgres_running()  # type: ignore[attr-defined]
+        self.server.ensure_postgres_running()

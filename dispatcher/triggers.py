@@ -45,10 +45,10 @@ def _check_ops(ops: object) -> frozenset[Op]:
 
 def _check_timeout(timeout: object) -> float:
     if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-        raise InvalidInput("timeout", timeout, "must be a number of seconds")
+        raise InvalidInput("execution_timeout", timeout, "must be a number of seconds")
     value = float(timeout)
     if not 0 < value <= MAX_TIMEOUT:
-        raise InvalidInput("timeout", timeout, f"must be in (0, {MAX_TIMEOUT}] seconds")
+        raise InvalidInput("execution_timeout", timeout, f"must be in (0, {MAX_TIMEOUT}] seconds")
     return value
 
 
@@ -102,7 +102,7 @@ class TriggerRegistry:
         registered_by: str,
         ops: Iterable[Op | str] = (Op.PUT, Op.DELETE),
         retry: RetryPolicy | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
+        execution_timeout: float = DEFAULT_TIMEOUT,
         enabled: bool = True,
         is_dead_letter_handler: bool = False,
     ) -> Trigger:
@@ -121,7 +121,7 @@ class TriggerRegistry:
         policy = retry if retry is not None else RetryPolicy()
         if not isinstance(policy, RetryPolicy):
             raise InvalidInput("retry", policy, "must be a RetryPolicy")
-        seconds = _check_timeout(timeout)
+        seconds = _check_timeout(execution_timeout)
         q = queries(self.schema)
         async with conn.transaction():
             await conn.execute(q.lock_scope, scope)

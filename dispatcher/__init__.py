@@ -1,0 +1,3 @@
+"""dispatcher: turn key/value mutations into reliable trigger executions through Postgres."""
+
+from __future__ import annotations
