@@ -29,7 +29,9 @@ class TriggerExists(InvalidInput):
     """A trigger with this name already exists in the scope."""
 
     def __init__(self, scope: str, name: str) -> None:
-        super().__init__("name", name, f"a trigger with this name already exists in scope {scope!r}")
+        super().__init__(
+            "name", name, f"a trigger with this name already exists in scope {scope!r}"
+        )
         self.scope = scope
 
 

@@ -14,7 +14,7 @@ from typing import TypeAlias
 from dispatcher.core.errors import InvalidInput
 
 JsonValue: TypeAlias = (
-    "None | bool | int | float | str | Sequence[JsonValue] | Mapping[str, JsonValue]"
+    "bool | int | float | str | Sequence[JsonValue] | Mapping[str, JsonValue] | None"
 )
 
 # Names (scopes, trigger names, namespaces, targets, principals) are identifiers an operator

@@ -177,4 +177,6 @@ class ResolveDeadLetter:
     error: str | None
 
 
-Outcome: TypeAlias = Complete | SkipDepth | Retry | Reschedule | DeadLetter | Reply | ResolveDeadLetter
+Outcome: TypeAlias = (
+    Complete | SkipDepth | Retry | Reschedule | DeadLetter | Reply | ResolveDeadLetter
+)

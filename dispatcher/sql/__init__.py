@@ -115,6 +115,169 @@ class Sql:
                     SELECT pg_notify('{self.channel}', '') FROM ins LIMIT 1) AS w) AS notified
             """
 
+        # --- runtime: claim ---
+        # Every eligibility predicate sits inside the locking CTE: a filter applied after
+        # FOR UPDATE SKIP LOCKED would lock rows it then throws away. MATERIALIZED keeps the
+        # planner from inlining the CTE into the UPDATE, which could re-evaluate LIMIT and
+        # lock more rows than asked for. A claimed row's due_at becomes its lease expiry, so
+        # the same index finds new rows and expired leases; the lease token tells them
+        # apart (a non-null token on a due row means the previous claim was orphaned).
+        self.claim = f"""
+            WITH due AS MATERIALIZED (
+                SELECT id FROM {s}.outbox
+                WHERE due_at <= clock_timestamp()
+                    AND (reply_owner IS NULL OR reply_owner = $3
+                         OR reply_deadline < clock_timestamp())
+                ORDER BY due_at
+                LIMIT $1
+                FOR UPDATE SKIP LOCKED
+            )
+            UPDATE {s}.outbox o
+            SET lease_token = $2,
+                orphans = o.orphans + (o.lease_token IS NOT NULL)::int,
+                due_at = clock_timestamp() + make_interval(secs => o.timeout + $4)
+            FROM due
+            WHERE o.id = due.id
+            RETURNING o.id, o.lease_token, o.event_id, o.trigger_id, o.scope, o.trigger_name,
+                o.target, o.registered_by, o.payload, o.attempts, o.orphans, o.depth,
+                o.reply_to, o.reply_owner, o.dead_letter_id, {_POLICY},
+                extract(epoch FROM clock_timestamp() - o.created_at)::float8 AS age"""
+
+        # --- runtime: settle (every write fenced by id AND lease token) ---
+        self.delete_fenced = f"""
+            DELETE FROM {s}.outbox o
+            USING unnest($1::bigint[], $2::uuid[]) AS f(id, token)
+            WHERE o.id = f.id AND o.lease_token = f.token
+            RETURNING o.id"""
+        # Retries, no-attempt reschedules and lease releases. The error history is bounded:
+        # past $6 entries the oldest is dropped.
+        self.reschedule_fenced = f"""
+            UPDATE {s}.outbox o
+            SET due_at = clock_timestamp() + make_interval(secs => f.delay),
+                attempts = f.attempts,
+                lease_token = NULL,
+                errors = CASE
+                    WHEN f.error IS NULL THEN o.errors
+                    WHEN jsonb_array_length(o.errors) >= $6
+                        THEN (o.errors - 0) || jsonb_build_array(
+                            f.error::jsonb || jsonb_build_object('at', clock_timestamp()))
+                    ELSE o.errors || jsonb_build_array(
+                        f.error::jsonb || jsonb_build_object('at', clock_timestamp()))
+                END
+            FROM unnest($1::bigint[], $2::uuid[], $3::float8[], $4::int[], $5::text[])
+                AS f(id, token, delay, attempts, error)
+            WHERE o.id = f.id AND o.lease_token = f.token
+            RETURNING o.id"""
+        # Outbox row -> dead letter, and the scope's matching dead-letter handlers enqueued,
+        # in one statement (so one transaction): a crash can never leave a row both in the
+        # outbox and in dead_letters, nor a dead letter whose handlers were not enqueued.
+        self.dead_letter_fenced = f"""
+            WITH f AS (
+                SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::int[],
+                    $5::text[]) AS f(id, token, reason, attempts, error)
+            ),
+            moved AS (
+                DELETE FROM {s}.outbox o USING f
+                WHERE o.id = f.id AND o.lease_token = f.token
+                RETURNING o.*, f.reason AS dl_reason, f.attempts AS dl_attempts,
+                    f.error AS dl_error
+            ),
+            dl AS (
+                INSERT INTO {s}.dead_letters (outbox_id, event_id, trigger_id, scope,
+                    trigger_name, target, registered_by, payload, policy, depth, attempts,
+                    reason, errors, event_created_at)
+                SELECT id, event_id, trigger_id, scope, trigger_name, target, registered_by,
+                    payload,
+                    jsonb_build_object('kind', retry_kind, 'base_delay', retry_base_delay,
+                        'factor', retry_factor, 'max_delay', retry_max_delay,
+                        'jitter', retry_jitter, 'max_attempts', max_attempts,
+                        'max_event_age', max_event_age, 'timeout', timeout),
+                    depth, dl_attempts, dl_reason,
+                    CASE WHEN dl_error IS NULL THEN errors
+                        ELSE errors || jsonb_build_array(dl_error::jsonb
+                            || jsonb_build_object('at', clock_timestamp()))
+                    END,
+                    created_at
+                FROM moved
+                RETURNING id, outbox_id, scope, trigger_id, trigger_name, payload, depth,
+                    reason, attempts, errors
+            ),
+            handlers AS (
+                INSERT INTO {s}.outbox (event_id, payload, depth, dead_letter_id, {_SNAPSHOT})
+                SELECT gen_random_uuid(),
+                    jsonb_build_object('dead_letter_id', dl.id, 'trigger', dl.trigger_name,
+                        'trigger_id', dl.trigger_id, 'reason', dl.reason,
+                        'attempts', dl.attempts, 'errors', dl.errors, 'event', dl.payload),
+                    dl.depth, dl.id, t.id, t.scope, t.name, t.target, t.registered_by,
+                    t.retry_kind, t.retry_base_delay, t.retry_factor, t.retry_max_delay,
+                    t.retry_jitter, t.max_attempts, t.max_event_age, t.timeout
+                FROM dl JOIN {s}.triggers t
+                    ON t.scope = dl.scope
+                    AND t.is_dead_letter_handler
+                    AND t.enabled
+                    AND t.namespace = dl.payload ->> 'namespace'
+                    AND CASE t.pattern_kind
+                        WHEN 'exact' THEN t.match_prefix = dl.payload ->> 'key'
+                        WHEN 'prefix' THEN starts_with(dl.payload ->> 'key', t.match_prefix)
+                        ELSE (dl.payload ->> 'key') LIKE t.match_like ESCAPE '\\'
+                    END
+                RETURNING id
+            )
+            SELECT (SELECT coalesce(array_agg(outbox_id), '{{}}') FROM dl) AS moved,
+                (SELECT count(*) FROM handlers) AS handlers,
+                (SELECT count(*) FROM (
+                    SELECT pg_notify('{self.channel}', '') FROM handlers LIMIT 1) AS w)
+                    AS notified"""
+        # Dead-letter-handler rows: delete the row, then mark the dead letter. "handled"
+        # may overwrite an earlier "handler_failed" from another handler; nothing overwrites
+        # an operator's decision (replayed, discarded).
+        self.resolve_dead_letter_fenced = f"""
+            WITH f AS (
+                SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::bigint[], $4::text[],
+                    $5::text[]) AS f(id, token, dead_letter_id, resolution, note)
+            ),
+            d AS (
+                DELETE FROM {s}.outbox o USING f
+                WHERE o.id = f.id AND o.lease_token = f.token
+                RETURNING f.*
+            ),
+            u AS (
+                UPDATE {s}.dead_letters dl
+                SET resolution = d.resolution, resolution_note = d.note,
+                    resolved_at = clock_timestamp()
+                FROM d
+                WHERE dl.id = d.dead_letter_id
+                    AND (dl.resolution = 'open'
+                         OR (dl.resolution = 'handler_failed' AND d.resolution = 'handled'))
+                RETURNING dl.id
+            )
+            SELECT (SELECT coalesce(array_agg(id), '{{}}') FROM d) AS deleted,
+                (SELECT count(*) FROM u) AS updated"""
+        self.insert_abandoned = f"""
+            INSERT INTO {s}.abandoned_executions (reply_to, event_id, trigger_id, scope,
+                target, status, outcome, result, error)
+            SELECT reply_to, event_id, trigger_id, scope, target, status, outcome,
+                result::jsonb, error
+            FROM unnest($1::text[], $2::uuid[], $3::bigint[], $4::text[], $5::text[],
+                $6::int[], $7::text[], $8::text[], $9::text[])
+                AS f(reply_to, event_id, trigger_id, scope, target, status, outcome, result,
+                    error)"""
+        # A synchronous call: one reply-to row for one trigger, owned by the caller's inbox.
+        self.insert_invocation = f"""
+            INSERT INTO {s}.outbox (event_id, payload, depth, reply_to, reply_owner,
+                reply_deadline, {_SNAPSHOT})
+            SELECT $1, $2::jsonb, $3, $4, $5,
+                clock_timestamp() + make_interval(secs => $6), t.id, t.scope, t.name,
+                t.target, t.registered_by, t.retry_kind, t.retry_base_delay, t.retry_factor,
+                t.retry_max_delay, t.retry_jitter, t.max_attempts, t.max_event_age, t.timeout
+            FROM {s}.triggers t WHERE t.id = $7
+            RETURNING id"""
+        self.due_count = f"""
+            SELECT count(*) FILTER (WHERE due_at <= clock_timestamp()) AS due,
+                count(*) AS total,
+                extract(epoch FROM min(due_at) - clock_timestamp())::float8 AS next_due_in
+            FROM {s}.outbox"""
+
         # --- reference KV ---
         self.kv_get = f"""
             SELECT value, version FROM {s}.kv WHERE scope = $1 AND namespace = $2 AND key = $3"""

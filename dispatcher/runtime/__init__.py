@@ -1,0 +1,1 @@
+"""The running dispatcher: claim, gate, execute, settle. Adapters over the pure core."""

@@ -1,0 +1,614 @@
+"""The dispatcher: one poller per process claiming due rows, executing them through the
+shared gate, and settling their outcomes.
+
+>>> handlers = HandlerRegistry()
+>>> d = Dispatcher(dsn, handlers)
+>>> async with anyio.create_task_group() as tg:
+...     await tg.start(d.run)
+...     ...
+...     d.stop()
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import partial
+
+import anyio
+import asyncpg
+from anyio.abc import TaskStatus
+
+from dispatcher.core.errors import InvalidInput
+from dispatcher.core.models import BackoffKind, JsonValue, Mutation, Op, RetryPolicy
+from dispatcher.core.outcomes import (
+    ClaimedRow,
+    ExecutionResult,
+    Failure,
+    FailureKind,
+    Limits,
+)
+from dispatcher.core.policy import RandomSource
+from dispatcher.core.routing import admit, route
+from dispatcher.core.sanitize import describe_exception
+from dispatcher.emit import Emitter, encode_event
+from dispatcher.kv import KvEntry, KvStore, KvWrite
+from dispatcher.runtime.gate import ExecutionGate
+from dispatcher.runtime.handlers import Executor, HandlerContext, KvHandle
+from dispatcher.runtime.inbox import InProcessInbox, InvokeResult
+from dispatcher.runtime.principals import PrincipalResolver, RegisteredByResolver
+from dispatcher.runtime.settle import Applier, Decision, Release, Settlement
+from dispatcher.runtime.stats import Phase, Stats, StatusSnapshot
+from dispatcher.schema import DEFAULT_SCHEMA
+from dispatcher.sql import queries
+from dispatcher.triggers import TriggerRegistry
+
+log = logging.getLogger("dispatcher")
+
+# Failures of the database or the connection to it: never a handler failure, never an
+# attempt consumed; the loop backs off and reconnects.
+DB_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
+
+
+def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        raise InvalidInput(name, value, "must be a positive number")
+
+
+@dataclass(frozen=True, slots=True)
+class DispatcherConfig:
+    """Tuning for one dispatcher process. Durations are in seconds."""
+
+    schema: str = DEFAULT_SCHEMA
+    poll_interval: float = 0.1
+    batch_size: int = 100
+    concurrency: int = 100
+    lease_margin: float = 5.0
+    max_trigger_depth: int = 8
+    grace_period: float = 10.0
+    listen: bool = True
+    max_error_history: int = 20
+    reconnect_min: float = 0.1
+    reconnect_max: float = 5.0
+    gate_retry_delay: float = 0.05
+    max_rate_limited_age: float = 86_400.0
+    application_name: str = "dispatcher"
+    pool_size: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("poll_interval", "lease_margin", "reconnect_min", "reconnect_max"):
+            _positive(name, getattr(self, name))
+        for name in ("grace_period", "gate_retry_delay"):
+            _positive(name, getattr(self, name), allow_zero=True)
+        _positive("max_rate_limited_age", self.max_rate_limited_age)
+        for name in ("batch_size", "concurrency", "max_error_history", "pool_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidInput(name, value, "must be a positive integer")
+        if self.pool_size < 2:
+            raise InvalidInput("pool_size", self.pool_size, "must be at least 2")
+        if not isinstance(self.max_trigger_depth, int) or self.max_trigger_depth < 0:
+            raise InvalidInput("max_trigger_depth", self.max_trigger_depth, "must be >= 0")
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(
+            max_trigger_depth=self.max_trigger_depth,
+            gate_retry_delay=self.gate_retry_delay,
+            max_rate_limited_age=self.max_rate_limited_age,
+        )
+
+
+class InvokeTimeout(TimeoutError):
+    """A synchronous call gave up waiting; the execution, if it happens, is recorded in
+    ``abandoned_executions``."""
+
+
+class NotRunning(RuntimeError):
+    """The operation needs a running dispatcher (``run`` or ``run_until_idle``)."""
+
+
+def _row_from_record(r: asyncpg.Record) -> ClaimedRow:
+    return ClaimedRow(
+        id=r["id"],
+        lease_token=r["lease_token"],
+        event_id=r["event_id"],
+        trigger_id=r["trigger_id"],
+        scope=r["scope"],
+        trigger_name=r["trigger_name"],
+        target=r["target"],
+        registered_by=r["registered_by"],
+        payload=json.loads(r["payload"]),
+        attempts=r["attempts"],
+        orphans=r["orphans"],
+        depth=r["depth"],
+        reply_to=r["reply_to"],
+        dead_letter_id=r["dead_letter_id"],
+        policy=RetryPolicy(
+            kind=BackoffKind(r["retry_kind"]),
+            base_delay=r["retry_base_delay"],
+            factor=r["retry_factor"],
+            max_delay=r["retry_max_delay"],
+            jitter=r["retry_jitter"],
+            max_attempts=r["max_attempts"],
+            max_event_age=r["max_event_age"],
+        ),
+        timeout=r["timeout"],
+        age=r["age"],
+    )
+
+
+class _PoolKv:
+    """Handler KV writes through the dispatcher's pool; never exposed to handlers."""
+
+    __slots__ = ("_kv", "_pool")
+
+    def __init__(self, pool: asyncpg.Pool, kv: KvStore) -> None:
+        self._pool = pool
+        self._kv = kv
+
+    async def put(
+        self, scope: str, namespace: str, key: str, value: JsonValue, depth: int, event: uuid.UUID
+    ) -> KvWrite:
+        async with self._pool.acquire() as conn:
+            return await self._kv.put(
+                conn, scope, namespace, key, value, depth=depth, event_id=event
+            )
+
+    async def delete(
+        self, scope: str, namespace: str, key: str, depth: int, event: uuid.UUID
+    ) -> KvWrite:
+        async with self._pool.acquire() as conn:
+            return await self._kv.delete(conn, scope, namespace, key, depth=depth, event_id=event)
+
+    async def get(self, scope: str, namespace: str, key: str) -> KvEntry | None:
+        async with self._pool.acquire() as conn:
+            return await self._kv.get(conn, scope, namespace, key)
+
+
+class Dispatcher:
+    """Claims due outbox rows and runs them through ``executor``.
+
+    One per process is enough: it claims in batches no larger than the gate's free
+    permits, runs each row as its own task, and settles outcomes in batched, fenced writes.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        executor: Executor,
+        *,
+        config: DispatcherConfig | None = None,
+        principals: PrincipalResolver | None = None,
+        emitter: Emitter | None = None,
+        rng: RandomSource | None = None,
+    ) -> None:
+        self.config = config or DispatcherConfig()
+        self._dsn = dsn
+        self._executor = executor
+        self._principals = principals or RegisteredByResolver()
+        self._emitter = emitter or Emitter(schema=self.config.schema)
+        self._rng: RandomSource = rng or random.Random()
+        self._sql = queries(self.config.schema)
+        self._limits = self.config.limits
+        self.gate = ExecutionGate(self.config.concurrency)
+        self.inbox = InProcessInbox()
+        self.stats = Stats()
+        self._applier = Applier(
+            self._sql, self.inbox, self.stats, max_error_history=self.config.max_error_history
+        )
+        self._pool: asyncpg.Pool | None = None
+        self._kv_session: _PoolKv | None = None
+        self._phase = Phase.STOPPED
+        self._running = False
+        self._stopping = False
+        self._wake = anyio.Event()
+        self._progress = anyio.Event()
+        self._pending: list[Settlement] = []
+        self._settle_wake = anyio.Event()
+        self._settling = False
+        self._in_flight = 0
+        self._last_error: str | None = None
+        self._consecutive_failures = 0
+        self._backoff_until: datetime | None = None
+        self._last_claim_at: datetime | None = None
+
+    # ----- public surface -----
+
+    def status(self) -> StatusSnapshot:
+        """A point-in-time view for health checks and ``dispatcher status``."""
+        return StatusSnapshot(
+            phase=self._phase,
+            in_flight=self._in_flight,
+            last_error=self._last_error,
+            consecutive_failures=self._consecutive_failures,
+            backoff_until=self._backoff_until,
+            last_claim_at=self._last_claim_at,
+            gate_capacity=self.gate.capacity,
+            gate_free=self.gate.free,
+            stats=self.stats.as_dict(),
+        )
+
+    def wake(self) -> None:
+        """Claim now instead of at the next poll tick."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Begin a graceful stop: claim nothing more, let in-flight work finish within the
+        grace period, give back leases of what did not finish, then return from ``run``."""
+        self._stopping = True
+        self._wake.set()
+        self._progress.set()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run until :meth:`stop`. Reports started once connected (for ``tg.start``)."""
+        if self._running:
+            raise RuntimeError("this dispatcher is already running")
+        self._running = True
+        self._stopping = False
+        self._phase = Phase.STARTING
+        try:
+            await self._open_pool()
+            if self._pool is None:  # stopped before the database ever answered
+                task_status.started()
+                return
+            async with anyio.create_task_group() as services:
+                services.start_soon(self._settle_loop)
+                if self.config.listen:
+                    services.start_soon(self._listen_loop)
+                task_status.started()
+                log.info(
+                    "dispatcher started",
+                    extra={"event": "dispatcher.started", "schema": self.config.schema},
+                )
+                await self._poll_loop()
+                # Final writes: outcomes of everything that ran, and lease releases.
+                with anyio.CancelScope(shield=True):
+                    await self._drain_settlements()
+                services.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                if self._pool is not None:
+                    await self._pool.close()
+                self._pool = None
+                self._kv_session = None
+            self._phase = Phase.STOPPED
+            self._running = False
+            log.info("dispatcher stopped", extra={"event": "dispatcher.stopped"})
+
+    async def run_until_idle(
+        self, *, time_limit: float = 60.0, include_scheduled: bool = False
+    ) -> Stats:
+        """Run until no row is due (or, with ``include_scheduled``, until the outbox is
+        empty), then stop gracefully. For tests and scripts."""
+        with anyio.fail_after(time_limit):
+            async with anyio.create_task_group() as tg:
+                await tg.start(self.run)
+                try:
+                    await self._wait_idle(include_scheduled)
+                finally:
+                    self.stop()
+        return self.stats
+
+    async def invoke(
+        self, trigger: int, payload: JsonValue = None, *, time_limit: float = 30.0
+    ) -> InvokeResult:
+        """Run a trigger's target synchronously and return its reply.
+
+        The call writes a reply-to row and waits; a full execution gate answers 503 at once.
+        A caller that times out gets :class:`InvokeTimeout`; if the execution happens
+        anyway its result is kept in ``abandoned_executions``.
+
+        >>> result = await dispatcher.invoke(trigger.id, {"amount": 10}, time_limit=5)
+        >>> result.status, result.result
+        (200, {'approved': True})
+        """
+        _positive("time_limit", time_limit)
+        if not self._running or self._pool is None or self._stopping:
+            raise NotRunning("invoke() needs a running dispatcher")
+        if not self.gate.try_acquire():
+            self.stats.gate_saturated += 1
+            return InvokeResult(
+                503, None, Failure(FailureKind.GATE_SATURATED, "execution gate is full")
+            )
+        request_id = self.inbox.open(holds_permit=True)
+        try:
+            async with self._pool.acquire() as conn:
+                t = await self._registry().get(conn, trigger)
+                event_id = uuid.uuid4()
+                body = encode_event(
+                    Mutation(t.scope, t.namespace, "invoke", Op.PUT, payload, event_id=event_id),
+                    max_bytes=self._emitter.max_payload_bytes,
+                )
+                await conn.execute(
+                    self._sql.insert_invocation,
+                    event_id,
+                    body,
+                    0,
+                    request_id,
+                    self.inbox.inbox_id,
+                    float(time_limit),
+                    t.id,
+                )
+            self.wake()
+            with anyio.fail_after(time_limit):
+                reply = await self.inbox.wait(request_id)
+            return InvokeResult.from_reply(reply)
+        except TimeoutError:
+            raise InvokeTimeout(f"no reply within {time_limit:g}s") from None
+        finally:
+            if self.inbox.close(request_id):
+                self.gate.release()
+
+    # ----- internals -----
+
+    def _registry(self) -> TriggerRegistry:
+        return TriggerRegistry(schema=self.config.schema)
+
+    async def _open_pool(self) -> None:
+        delay = self.config.reconnect_min
+        while not self._stopping:
+            try:
+                self._pool = await asyncpg.create_pool(
+                    self._dsn,
+                    min_size=2,
+                    max_size=self.config.pool_size,
+                    server_settings={"application_name": self.config.application_name},
+                )
+                self._kv_session = _PoolKv(self._pool, KvStore(self._emitter))
+                self._db_ok()
+                return
+            except DB_ERRORS as exc:
+                delay = await self._db_failed(exc, delay)
+
+    def _db_ok(self) -> None:
+        if self._consecutive_failures:
+            log.warning(
+                "database reachable again",
+                extra={
+                    "event": "dispatcher.db_recovered",
+                    "failures": self._consecutive_failures,
+                },
+            )
+        self._consecutive_failures = 0
+        self._backoff_until = None
+
+    async def _db_failed(self, exc: BaseException, delay: float) -> float:
+        self.stats.db_errors += 1
+        self._last_error = describe_exception(exc, limit=500)
+        if self._consecutive_failures == 0:
+            log.error(
+                "database unavailable; backing off",
+                extra={"event": "dispatcher.db_unavailable", "error": self._last_error},
+            )
+        self._consecutive_failures += 1
+        self._phase = Phase.BACKOFF
+        self._backoff_until = datetime.now(UTC) + timedelta(seconds=delay)
+        await self._sleep_or_stop(delay)
+        return min(delay * 2, self.config.reconnect_max)
+
+    async def _sleep_or_stop(self, seconds: float) -> None:
+        if self._stopping:
+            return
+        with anyio.move_on_after(seconds):
+            while not self._stopping:
+                self._wake = anyio.Event()
+                await self._wake.wait()
+
+    def _is_stopping(self) -> bool:
+        # A method, not the attribute: the flag flips while this task awaits.
+        return self._stopping
+
+    def _notify_progress(self) -> None:
+        self._progress.set()
+        self._progress = anyio.Event()
+
+    async def _poll_loop(self) -> None:
+        assert self._pool is not None
+        cfg = self.config
+        delay = cfg.reconnect_min
+        async with anyio.create_task_group() as executions:
+            while not self._stopping:
+                if self.gate.free == 0:
+                    self._phase = Phase.EXECUTING
+                    await self.gate.wait_free()
+                    continue
+                want = min(cfg.batch_size, self.gate.free)
+                self._wake = anyio.Event()
+                self._phase = Phase.CLAIMING
+                try:
+                    records = await self._pool.fetch(
+                        self._sql.claim,
+                        want,
+                        uuid.uuid4(),
+                        self.inbox.inbox_id,
+                        cfg.lease_margin,
+                    )
+                except DB_ERRORS as exc:
+                    delay = await self._db_failed(exc, delay)
+                    continue
+                delay = cfg.reconnect_min
+                self._db_ok()
+                self._last_claim_at = datetime.now(UTC)
+                self.stats.claims += 1
+                self.stats.claimed_rows += len(records)
+                for record in records:
+                    row = _row_from_record(record)
+                    if self._is_stopping():
+                        self._submit(row, Release())
+                        continue
+                    held = row.reply_to is not None and self.inbox.take_permit(row.reply_to)
+                    if not held and not self.gate.try_acquire():
+                        self.stats.gate_saturated += 1
+                        outcome = route(
+                            row,
+                            Failure(FailureKind.GATE_SATURATED, "execution gate is full"),
+                            self._limits,
+                            self._rng,
+                        )
+                        self._submit(row, outcome)
+                        continue
+                    self._in_flight += 1
+                    executions.start_soon(self._execute, row)
+                if len(records) == want and not self._is_stopping():
+                    continue  # a full batch: more is probably due, claim again at once
+                self._phase = Phase.EXECUTING if self._in_flight else Phase.IDLE
+                with anyio.move_on_after(cfg.poll_interval):
+                    await self._wake.wait()
+            self._phase = Phase.STOPPING
+            with anyio.move_on_after(cfg.grace_period):
+                while self._in_flight:
+                    await self._wait_progress()
+            # Past the grace period: cancel what still runs; each gives its lease back.
+            executions.cancel_scope.cancel()
+
+    async def _wait_progress(self) -> None:
+        await self._progress.wait()
+
+    async def _execute(self, row: ClaimedRow) -> None:
+        try:
+            decision: Decision = await self._decide(row)
+        except anyio.get_cancelled_exc_class():
+            self._submit(row, Release())
+            raise
+        finally:
+            self.gate.release()
+            self._in_flight -= 1
+            self._notify_progress()
+        self._submit(row, decision)
+
+    async def _decide(self, row: ClaimedRow) -> Decision:
+        early = admit(row, self._limits)
+        if early is not None:
+            return early
+        self.stats.executed += 1
+        result = await self._run_target(row)
+        return route(row, result, self._limits, self._rng)
+
+    async def _run_target(self, row: ClaimedRow) -> ExecutionResult:
+        try:
+            principal = await self._principals.resolve(row.registered_by)
+        except Exception as exc:  # a broken resolver fails this attempt, not the dispatcher
+            return Failure(FailureKind.HANDLER_ERROR, f"principal resolver failed: {exc!r}")
+        if principal is None:
+            return Failure(
+                FailureKind.PERMISSION_DENIED,
+                f"principal {row.registered_by!r} is unknown or revoked",
+            )
+        assert self._kv_session is not None
+        payload = row.payload if isinstance(row.payload, dict) else {"value": row.payload}
+        ctx = HandlerContext(
+            event=payload,
+            principal=principal,
+            attempt=row.attempts + 1,
+            idempotency_key=row.idempotency_key,
+            scope=row.scope,
+            trigger_name=row.trigger_name,
+            trigger_id=row.trigger_id,
+            depth=row.depth,
+            kv=KvHandle(self._kv_session, row.scope, row.depth, row.idempotency_key),
+        )
+        return await self._executor.execute(row.target, ctx, row.timeout)
+
+    def _submit(self, row: ClaimedRow, decision: Decision) -> None:
+        self._pending.append(Settlement(row, decision))
+        self._settle_wake.set()
+
+    async def _settle_loop(self) -> None:
+        while True:
+            await self._settle_wake.wait()
+            self._settle_wake = anyio.Event()
+            await self._settle_pending()
+
+    async def _settle_pending(self) -> None:
+        """Apply everything queued, retrying through database errors (outcomes are kept
+        until written; a lease lost meanwhile makes them stale, which the fence detects)."""
+        assert self._pool is not None
+        delay = self.config.reconnect_min
+        while self._pending:
+            batch, self._pending = self._pending, []
+            self._settling = True
+            try:
+                async with self._pool.acquire() as conn:
+                    await self._applier.apply(conn, batch)
+                delay = self.config.reconnect_min
+            except DB_ERRORS as exc:
+                self._pending = batch + self._pending
+                self._settling = False
+                if self._stopping and self._consecutive_failures > 50:
+                    log.error(
+                        "giving up on final writes; leases will expire",
+                        extra={"event": "dispatcher.settle_abandoned", "rows": len(batch)},
+                    )
+                    self._pending = []
+                    return
+                delay = await self._db_failed(exc, delay)
+                continue
+            finally:
+                self._settling = False
+            self._notify_progress()
+
+    async def _drain_settlements(self) -> None:
+        while self._pending or self._settling:
+            if self._settling:
+                await self._wait_progress()
+            else:
+                await self._settle_pending()
+
+    async def _listen_loop(self) -> None:
+        delay = self.config.reconnect_min
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(
+                    self._dsn,
+                    server_settings={"application_name": f"{self.config.application_name}:listen"},
+                )
+                lost = anyio.Event()
+                conn.add_termination_listener(partial(_set_event, lost))
+                await conn.add_listener(self._sql.channel, lambda *_a: self._wake.set())
+                delay = self.config.reconnect_min
+                self._wake.set()  # catch up on anything sent while we were not listening
+                await lost.wait()
+            except DB_ERRORS:
+                await self._sleep_or_stop(delay)
+                delay = min(delay * 2, self.config.reconnect_max)
+            finally:
+                if conn is not None:
+                    conn.terminate()
+
+    async def _wait_idle(self, include_scheduled: bool) -> None:
+        assert self._pool is not None
+        while True:
+            while self._in_flight or self._pending or self._settling:
+                await self._wait_progress()
+            try:
+                row = await self._pool.fetchrow(self._sql.due_count)
+            except DB_ERRORS:
+                await self._sleep_or_stop(self.config.poll_interval)
+                continue
+            assert row is not None
+            quiet = not (self._in_flight or self._pending or self._settling)
+            if quiet and row["due"] == 0 and (not include_scheduled or row["total"] == 0):
+                return
+            # Something is due (or scheduled and we wait for it): let the poller take it.
+            wait = self.config.poll_interval
+            if row["due"] == 0 and row["next_due_in"] is not None:
+                wait = max(0.0, min(float(row["next_due_in"]), 1.0))
+            with anyio.move_on_after(wait):
+                await self._wait_progress()
+
+
+def _set_event(event: anyio.Event, *_: object) -> None:
+    event.set()

@@ -1,0 +1,55 @@
+"""Counters and the status snapshot of a running dispatcher."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from enum import StrEnum
+
+
+class Phase(StrEnum):
+    STARTING = "starting"
+    IDLE = "idle"
+    CLAIMING = "claiming"
+    EXECUTING = "executing"
+    BACKOFF = "backoff"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+@dataclass(slots=True)
+class Stats:
+    """Monotonic counters since the dispatcher started (no ids or keys, ever)."""
+
+    claims: int = 0
+    claimed_rows: int = 0
+    executed: int = 0
+    succeeded: int = 0
+    retried: int = 0
+    rescheduled: int = 0
+    dead_lettered: int = 0
+    depth_exceeded: int = 0
+    gate_saturated: int = 0
+    stale: int = 0
+    replies: int = 0
+    abandoned: int = 0
+    handled: int = 0
+    handler_failed: int = 0
+    released: int = 0
+    db_errors: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class StatusSnapshot:
+    phase: Phase
+    in_flight: int
+    last_error: str | None
+    consecutive_failures: int
+    backoff_until: datetime | None
+    last_claim_at: datetime | None
+    gate_capacity: int
+    gate_free: int
+    stats: dict[str, int]
