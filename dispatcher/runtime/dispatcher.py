@@ -22,7 +22,7 @@ from functools import partial
 
 import anyio
 import asyncpg
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 
 from dispatcher.core.errors import InvalidInput
 from dispatcher.core.models import BackoffKind, JsonValue, Mutation, Op, RetryPolicy
@@ -209,6 +209,7 @@ class Dispatcher:
             self._sql, self.inbox, self.stats, max_error_history=self.config.max_error_history
         )
         self._pool: asyncpg.Pool | None = None
+        self._executions: TaskGroup | None = None
         self._kv_session: _PoolKv | None = None
         self._phase = Phase.STOPPED
         self._running = False
@@ -315,14 +316,15 @@ class Dispatcher:
         (200, {'approved': True})
         """
         _positive("time_limit", time_limit)
-        if not self._running or self._pool is None or self._stopping:
+        if self._pool is None or self._executions is None or self._stopping:
             raise NotRunning("invoke() needs a running dispatcher")
         if not self.gate.try_acquire():
             self.stats.gate_saturated += 1
             return InvokeResult(
                 503, None, Failure(FailureKind.GATE_SATURATED, "execution gate is full")
             )
-        request_id = self.inbox.open(holds_permit=True)
+        request_id = self.inbox.open()
+        started = False
         try:
             async with self._pool.acquire() as conn:
                 t = await self._registry().get(conn, trigger)
@@ -331,7 +333,7 @@ class Dispatcher:
                     Mutation(t.scope, t.namespace, "invoke", Op.PUT, payload, event_id=event_id),
                     max_bytes=self._emitter.max_payload_bytes,
                 )
-                await conn.execute(
+                record = await conn.fetchrow(
                     self._sql.insert_invocation,
                     event_id,
                     body,
@@ -340,15 +342,22 @@ class Dispatcher:
                     self.inbox.inbox_id,
                     float(time_limit),
                     t.id,
+                    uuid.uuid4(),
+                    self.config.lease_margin,
                 )
-            self.wake()
+            assert record is not None
+            # Run it here and now with the permit we hold; the execution belongs to the
+            # dispatcher, so a caller that stops waiting does not cancel it.
+            self._start_execution(_row_from_record(record))
+            started = True
             with anyio.fail_after(time_limit):
                 reply = await self.inbox.wait(request_id)
             return InvokeResult.from_reply(reply)
         except TimeoutError:
             raise InvokeTimeout(f"no reply within {time_limit:g}s") from None
         finally:
-            if self.inbox.close(request_id):
+            self.inbox.close(request_id)
+            if not started:
                 self.gate.release()
 
     # ----- internals -----
@@ -419,6 +428,7 @@ class Dispatcher:
         cfg = self.config
         delay = cfg.reconnect_min
         async with anyio.create_task_group() as executions:
+            self._executions = executions
             while not self._stopping:
                 if self.gate.free == 0:
                     self._phase = Phase.EXECUTING
@@ -448,8 +458,7 @@ class Dispatcher:
                     if self._is_stopping():
                         self._submit(row, Release())
                         continue
-                    held = row.reply_to is not None and self.inbox.take_permit(row.reply_to)
-                    if not held and not self.gate.try_acquire():
+                    if not self.gate.try_acquire():
                         self.stats.gate_saturated += 1
                         outcome = route(
                             row,
@@ -459,8 +468,7 @@ class Dispatcher:
                         )
                         self._submit(row, outcome)
                         continue
-                    self._in_flight += 1
-                    executions.start_soon(self._execute, row)
+                    self._start_execution(row)
                 if len(records) == want and not self._is_stopping():
                     continue  # a full batch: more is probably due, claim again at once
                 self._phase = Phase.EXECUTING if self._in_flight else Phase.IDLE
@@ -472,6 +480,13 @@ class Dispatcher:
                     await self._wait_progress()
             # Past the grace period: cancel what still runs; each gives its lease back.
             executions.cancel_scope.cancel()
+        self._executions = None
+
+    def _start_execution(self, row: ClaimedRow) -> None:
+        """Run ``row`` under the permit the caller already holds."""
+        assert self._executions is not None
+        self._in_flight += 1
+        self._executions.start_soon(self._execute, row)
 
     async def _wait_progress(self) -> None:
         await self._progress.wait()

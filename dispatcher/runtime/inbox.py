@@ -47,10 +47,6 @@ class InboxResolver(Protocol):
 
     def is_waiting(self, reply_to: str) -> bool: ...
 
-    def take_permit(self, reply_to: str) -> bool:
-        """True when the caller reserved a gate permit that the execution now owns."""
-        ...
-
     def deliver(self, reply_to: str, reply: Reply) -> bool:
         """Hand the reply over; False when nobody waits for it any more."""
         ...
@@ -60,7 +56,6 @@ class InboxResolver(Protocol):
 class _Pending:
     done: anyio.Event = field(default_factory=anyio.Event)
     reply: Reply | None = None
-    holds_permit: bool = False
 
 
 class InProcessInbox:
@@ -74,15 +69,14 @@ class InProcessInbox:
     def inbox_id(self) -> str:
         return self._id
 
-    def open(self, *, holds_permit: bool) -> str:
+    def open(self) -> str:
         request_id = uuid.uuid4().hex
-        self._pending[request_id] = _Pending(holds_permit=holds_permit)
+        self._pending[request_id] = _Pending()
         return request_id
 
-    def close(self, request_id: str) -> bool:
-        """Stop waiting; returns whether the caller still held an unused gate permit."""
-        pending = self._pending.pop(request_id, None)
-        return pending is not None and pending.holds_permit
+    def close(self, request_id: str) -> None:
+        """Stop waiting: a reply arriving later is refused (and recorded as abandoned)."""
+        self._pending.pop(request_id, None)
 
     async def wait(self, request_id: str) -> Reply:
         pending = self._pending[request_id]
@@ -92,13 +86,6 @@ class InProcessInbox:
 
     def is_waiting(self, reply_to: str) -> bool:
         return reply_to in self._pending
-
-    def take_permit(self, reply_to: str) -> bool:
-        pending = self._pending.get(reply_to)
-        if pending is None or not pending.holds_permit:
-            return False
-        pending.holds_permit = False
-        return True
 
     def deliver(self, reply_to: str, reply: Reply) -> bool:
         pending = self._pending.pop(reply_to, None)

@@ -36,6 +36,13 @@ _MATCH = """
 """
 
 
+# What a claim returns (the row as routing and execution see it); ``o`` is the outbox row.
+_CLAIMED = f"""o.id, o.lease_token, o.event_id, o.trigger_id, o.scope, o.trigger_name,
+                o.target, o.registered_by, o.payload, o.attempts, o.orphans, o.depth,
+                o.reply_to, o.reply_owner, o.dead_letter_id, {_POLICY},
+                extract(epoch FROM clock_timestamp() - o.created_at)::float8 AS age"""
+
+
 class Sql:
     """The statements for one schema. Build with :func:`queries`."""
 
@@ -138,10 +145,7 @@ class Sql:
                 due_at = clock_timestamp() + make_interval(secs => o.timeout + $4)
             FROM due
             WHERE o.id = due.id
-            RETURNING o.id, o.lease_token, o.event_id, o.trigger_id, o.scope, o.trigger_name,
-                o.target, o.registered_by, o.payload, o.attempts, o.orphans, o.depth,
-                o.reply_to, o.reply_owner, o.dead_letter_id, {_POLICY},
-                extract(epoch FROM clock_timestamp() - o.created_at)::float8 AS age"""
+            RETURNING {_CLAIMED}"""
 
         # --- runtime: settle (every write fenced by id AND lease token) ---
         self.delete_fenced = f"""
@@ -262,16 +266,21 @@ class Sql:
                 $6::int[], $7::text[], $8::text[], $9::text[])
                 AS f(reply_to, event_id, trigger_id, scope, target, status, outcome, result,
                     error)"""
-        # A synchronous call: one reply-to row for one trigger, owned by the caller's inbox.
+        # A synchronous call: one reply-to row for one trigger, written already leased by
+        # the calling process, which executes it at once. Should that process die, the lease
+        # expires and, once the caller's deadline has passed too, any dispatcher answers it
+        # as abandoned instead of running it (at most once).
         self.insert_invocation = f"""
-            INSERT INTO {s}.outbox (event_id, payload, depth, reply_to, reply_owner,
-                reply_deadline, {_SNAPSHOT})
+            INSERT INTO {s}.outbox AS o (event_id, payload, depth, reply_to, reply_owner,
+                reply_deadline, lease_token, due_at, {_SNAPSHOT})
             SELECT $1, $2::jsonb, $3, $4, $5,
-                clock_timestamp() + make_interval(secs => $6), t.id, t.scope, t.name,
+                clock_timestamp() + make_interval(secs => $6), $8,
+                clock_timestamp() + make_interval(secs => t.timeout + $9),
+                t.id, t.scope, t.name,
                 t.target, t.registered_by, t.retry_kind, t.retry_base_delay, t.retry_factor,
                 t.retry_max_delay, t.retry_jitter, t.max_attempts, t.max_event_age, t.timeout
             FROM {s}.triggers t WHERE t.id = $7
-            RETURNING id"""
+            RETURNING {_CLAIMED}"""
         self.due_count = f"""
             SELECT count(*) FILTER (WHERE due_at <= clock_timestamp()) AS due,
                 count(*) AS total,
