@@ -9,6 +9,7 @@ from collections import Counter
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import asyncpg
 import pytest
 
@@ -421,7 +422,7 @@ async def test_two_dispatchers_drain_without_double_execution(
     @handlers.handler("count")
     async def count(ctx: HandlerContext) -> None:
         runs[ctx.idempotency_key] += 1
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
 
     await trigger(conn, "count", "count")
     for start in range(0, 2000, 500):
