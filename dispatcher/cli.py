@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import importlib
+import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import anyio
 import click
 
 from dispatcher.core.errors import DispatcherError
 from dispatcher.schema import DEFAULT_SCHEMA
+
+if TYPE_CHECKING:
+    from dispatcher.runtime.dispatcher import Dispatcher
 
 T = TypeVar("T")
 
@@ -51,8 +57,19 @@ schema_option = click.option(
 
 @click.group()
 @click.version_option(package_name="dispatcher")
-def main() -> None:
+@click.option(
+    "--log-level",
+    default="WARNING",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    envvar="DISPATCHER_LOG_LEVEL",
+)
+def main(log_level: str) -> None:
     """Turn key/value mutations into reliable trigger executions through Postgres."""
+    # The library never configures logging; its command line, an application, does.
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 @main.command()
@@ -66,6 +83,129 @@ def migrate(dsn: str | None, schema: str) -> None:
     revision = _run(lambda: run_migrate(target, schema=schema))
     click.echo(f"schema {schema!r} at revision {revision}")
 
+
+def _load_object(spec: str) -> object:
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise click.BadParameter(
+            f"expected module:attribute, got {spec!r}", param_hint="--handlers"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise click.BadParameter(
+            f"cannot import {module_name!r}: {exc}", param_hint="--handlers"
+        ) from None
+    obj: object = module
+    for part in attribute.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise click.BadParameter(
+                f"{module_name!r} has no attribute {attribute!r}", param_hint="--handlers"
+            ) from None
+    return obj
+
+
+@main.command()
+@dsn_option
+@schema_option
+@click.option(
+    "--handlers",
+    "handlers_spec",
+    required=True,
+    help="module:attribute of a HandlerRegistry (or any Executor), e.g. myapp.jobs:handlers.",
+)
+@click.option("--concurrency", default=100, show_default=True, help="Execution gate size.")
+@click.option("--batch-size", default=100, show_default=True, help="Most rows per claim.")
+@click.option("--poll-interval", default=0.1, show_default=True, help="Seconds between polls.")
+@click.option("--grace-period", default=10.0, show_default=True, help="Seconds to finish work.")
+@click.option("--max-depth", default=8, show_default=True, help="Trigger depth limit.")
+@click.option("--no-listen", is_flag=True, help="Poll only; do not LISTEN for wake-ups.")
+@click.option("--application-name", default="dispatcher", show_default=True)
+def run(
+    dsn: str | None,
+    schema: str,
+    handlers_spec: str,
+    concurrency: int,
+    batch_size: int,
+    poll_interval: float,
+    grace_period: float,
+    max_depth: int,
+    no_listen: bool,
+    application_name: str,
+) -> None:
+    """Run a dispatcher until SIGINT or SIGTERM (a second signal aborts at once; leases of
+    unfinished rows are given back either way)."""
+    from dispatcher.runtime.dispatcher import Dispatcher, DispatcherConfig
+    from dispatcher.runtime.handlers import Executor
+
+    target = _dsn(dsn)
+    executor = _load_object(handlers_spec)
+    if not callable(getattr(executor, "execute", None)):
+        raise click.BadParameter(
+            f"{handlers_spec} is not a HandlerRegistry or Executor", param_hint="--handlers"
+        )
+    try:
+        config = DispatcherConfig(
+            schema=schema,
+            concurrency=concurrency,
+            batch_size=batch_size,
+            poll_interval=poll_interval,
+            grace_period=grace_period,
+            max_trigger_depth=max_depth,
+            listen=not no_listen,
+            application_name=application_name,
+        )
+    except DispatcherError as exc:
+        raise click.BadParameter(str(exc)) from None
+    dispatcher = Dispatcher(target, cast("Executor", executor), config=config)
+
+    async def serve() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_stop_on_signals, dispatcher, tg.cancel_scope)
+            await dispatcher.run()
+            tg.cancel_scope.cancel()
+
+    _run(serve)
+
+
+async def _stop_on_signals(dispatcher: Dispatcher, scope: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        count = 0
+        async for signum in signals:
+            count += 1
+            if count == 1:
+                click.echo(f"{signal.Signals(signum).name}: stopping gracefully", err=True)
+                dispatcher.stop()
+            else:
+                click.echo("second signal: aborting", err=True)
+                scope.cancel()
+                return
+
+
+@main.command()
+@click.option(
+    "--dsn",
+    envvar="DATABASE_URL",
+    help="Postgres URL (default: $DATABASE_URL; without it an embedded server is started).",
+)
+@click.option("--orders", default=200, show_default=True, help="How many order mutations.")
+def demo(dsn: str | None, orders: int) -> None:
+    """Show the whole flow: retries, dead letters and their handler, a depth cutoff, sync
+    replies. Needs no setup: starts an embedded Postgres when no DSN is given."""
+    from rich.console import Console
+
+    from dispatcher.demo import run_demo
+
+    # The live table tells the story; per-row warnings would scroll it away.
+    logging.getLogger("dispatcher").setLevel(logging.ERROR)
+    _run(lambda: run_demo(dsn, Console(), orders=orders))
+
+
+from dispatcher.cli_admin import register as _register_admin
+
+_register_admin(main)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -241,6 +241,10 @@ class Dispatcher:
             stats=self.stats.as_dict(),
         )
 
+    async def progressed(self) -> None:
+        """Return at the next change in execution or settlement (progress displays, tests)."""
+        await self._progress.wait()
+
     def wake(self) -> None:
         """Claim now instead of at the next poll tick."""
         self._wake.set()

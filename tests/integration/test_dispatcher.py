@@ -247,7 +247,7 @@ async def test_sync_caller_that_gave_up_leaves_an_abandoned_row(
         release.set()
         with anyio.fail_after(10):
             while d.stats.abandoned == 0:
-                await d._wait_progress()
+                await d.progressed()
         d.stop()
     [row] = await table(conn, "abandoned_executions")
     assert (row["status"], row["outcome"], json.loads(row["result"])) == (200, "success", "late")
@@ -480,7 +480,7 @@ async def test_backdated_lease_is_rerun_and_the_stale_completion_changes_nothing
         release_first.set()
         with anyio.fail_after(10):
             while a.stats.stale == 0:
-                await a._wait_progress()
+                await a.progressed()
         a.stop()
     assert executions == ["a", "b"]
     assert a.stats.succeeded == 0
