@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import random
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -32,6 +33,7 @@ from dispatcher.core.outcomes import (
     Failure,
     FailureKind,
     Limits,
+    Success,
 )
 from dispatcher.core.policy import RandomSource
 from dispatcher.core.routing import admit, route
@@ -43,7 +45,7 @@ from dispatcher.runtime.handlers import Executor, HandlerContext, KvHandle
 from dispatcher.runtime.inbox import InProcessInbox, InvokeResult
 from dispatcher.runtime.principals import PrincipalResolver, RegisteredByResolver
 from dispatcher.runtime.settle import Applier, Decision, Release, Settlement
-from dispatcher.runtime.stats import Phase, Stats, StatusSnapshot
+from dispatcher.runtime.stats import NullRecorder, Phase, Recorder, Stats, StatusSnapshot
 from dispatcher.schema import DEFAULT_SCHEMA
 from dispatcher.sql import queries
 from dispatcher.triggers import TriggerRegistry
@@ -85,11 +87,13 @@ class DispatcherConfig:
     max_rate_limited_age: float = 86_400.0
     application_name: str = "dispatcher"
     pool_size: int = 4
+    # How often the backlog (due rows, oldest due age) is sampled for metrics; 0 disables.
+    backlog_interval: float = 5.0
 
     def __post_init__(self) -> None:
         for name in ("poll_interval", "lease_margin", "reconnect_min", "reconnect_max"):
             _positive(name, getattr(self, name))
-        for name in ("grace_period", "gate_retry_delay"):
+        for name in ("grace_period", "gate_retry_delay", "backlog_interval"):
             _positive(name, getattr(self, name), allow_zero=True)
         _positive("max_rate_limited_age", self.max_rate_limited_age)
         for name in ("batch_size", "concurrency", "max_error_history", "pool_size"):
@@ -193,8 +197,10 @@ class Dispatcher:
         principals: PrincipalResolver | None = None,
         emitter: Emitter | None = None,
         rng: RandomSource | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         self.config = config or DispatcherConfig()
+        self.recorder: Recorder = recorder or NullRecorder()
         self._dsn = dsn
         self._executor = executor
         self._principals = principals or RegisteredByResolver()
@@ -219,6 +225,7 @@ class Dispatcher:
         self._pending: list[Settlement] = []
         self._settle_wake = anyio.Event()
         self._settling = False
+        self._claiming = False
         self._in_flight = 0
         self._last_error: str | None = None
         self._consecutive_failures = 0
@@ -272,6 +279,8 @@ class Dispatcher:
                 services.start_soon(self._settle_loop)
                 if self.config.listen:
                     services.start_soon(self._listen_loop)
+                if self.config.backlog_interval > 0:
+                    services.start_soon(self._sample_backlog)
                 task_status.started()
                 log.info(
                     "dispatcher started",
@@ -441,6 +450,8 @@ class Dispatcher:
                 want = min(cfg.batch_size, self.gate.free)
                 self._wake = anyio.Event()
                 self._phase = Phase.CLAIMING
+                self._claiming = True
+                started = time.perf_counter()
                 try:
                     records = await self._pool.fetch(
                         self._sql.claim,
@@ -450,6 +461,8 @@ class Dispatcher:
                         cfg.lease_margin,
                     )
                 except DB_ERRORS as exc:
+                    self._claiming = False
+                    self._notify_progress()
                     delay = await self._db_failed(exc, delay)
                     continue
                 delay = cfg.reconnect_min
@@ -457,6 +470,7 @@ class Dispatcher:
                 self._last_claim_at = datetime.now(UTC)
                 self.stats.claims += 1
                 self.stats.claimed_rows += len(records)
+                self.recorder.claim(time.perf_counter() - started, len(records))
                 for record in records:
                     row = _row_from_record(record)
                     if self._is_stopping():
@@ -473,6 +487,8 @@ class Dispatcher:
                         self._submit(row, outcome)
                         continue
                     self._start_execution(row)
+                self._claiming = False
+                self._notify_progress()
                 if len(records) == want and not self._is_stopping():
                     continue  # a full batch: more is probably due, claim again at once
                 self._phase = Phase.EXECUTING if self._in_flight else Phase.IDLE
@@ -512,7 +528,12 @@ class Dispatcher:
         if early is not None:
             return early
         self.stats.executed += 1
+        started = time.perf_counter()
         result = await self._run_target(row)
+        self.recorder.execution(
+            time.perf_counter() - started,
+            "success" if isinstance(result, Success) else result.kind.value,
+        )
         return route(row, result, self._limits, self._rng)
 
     async def _run_target(self, row: ClaimedRow) -> ExecutionResult:
@@ -607,18 +628,35 @@ class Dispatcher:
                 if conn is not None:
                     conn.terminate()
 
+    async def _sample_backlog(self) -> None:
+        assert self._pool is not None
+        while True:
+            try:
+                row = await self._pool.fetchrow(self._sql.backlog_sample, 100_000)
+            except DB_ERRORS:
+                pass  # the poll loop reports database trouble; a missed sample is harmless
+            else:
+                assert row is not None
+                self.recorder.backlog(int(row["due"]), float(row["oldest_due_seconds"]))
+            await anyio.sleep(self.config.backlog_interval)
+
+    def _busy(self) -> bool:
+        return bool(self._in_flight or self._pending or self._settling or self._claiming)
+
     async def _wait_idle(self, include_scheduled: bool) -> None:
         assert self._pool is not None
         while True:
-            while self._in_flight or self._pending or self._settling:
+            while self._busy():
                 await self._wait_progress()
+            claims = self.stats.claims
             try:
                 row = await self._pool.fetchrow(self._sql.due_count)
             except DB_ERRORS:
                 await self._sleep_or_stop(self.config.poll_interval)
                 continue
             assert row is not None
-            quiet = not (self._in_flight or self._pending or self._settling)
+            # A claim that ran while we counted would hide its rows (leased, so not due).
+            quiet = not self._busy() and self.stats.claims == claims
             if quiet and row["due"] == 0 and (not include_scheduled or row["total"] == 0):
                 return
             # Something is due (or scheduled and we wait for it): let the poller take it.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from enum import StrEnum
+from typing import Protocol
 
 
 class Phase(StrEnum):
@@ -53,3 +54,28 @@ class StatusSnapshot:
     gate_capacity: int
     gate_free: int
     stats: dict[str, int]
+
+
+class Recorder(Protocol):
+    """Receives timings as they happen (the Prometheus extra implements it). Must not block."""
+
+    def claim(self, seconds: float, rows: int) -> None: ...
+
+    def execution(self, seconds: float, outcome: str) -> None:
+        """``outcome`` is ``success`` or a failure kind (a closed, low-cardinality set)."""
+        ...
+
+    def backlog(self, due: int, oldest_due_seconds: float) -> None:
+        """Sampled periodically by the dispatcher, so a scrape never queries the database."""
+        ...
+
+
+class NullRecorder:
+    def claim(self, seconds: float, rows: int) -> None:
+        pass
+
+    def execution(self, seconds: float, outcome: str) -> None:
+        pass
+
+    def backlog(self, due: int, oldest_due_seconds: float) -> None:
+        pass

@@ -281,6 +281,14 @@ class Sql:
                 t.retry_max_delay, t.retry_jitter, t.max_attempts, t.max_event_age, t.timeout
             FROM {s}.triggers t WHERE t.id = $7
             RETURNING {_CLAIMED}"""
+        # Bounded so that sampling a huge backlog stays cheap; both parts use the due index.
+        self.backlog_sample = f"""
+            SELECT (SELECT count(*) FROM (
+                        SELECT 1 FROM {s}.outbox WHERE due_at <= clock_timestamp()
+                        LIMIT $1) AS d) AS due,
+                coalesce(extract(epoch FROM clock_timestamp() - (
+                    SELECT min(due_at) FROM {s}.outbox WHERE due_at <= clock_timestamp()
+                )), 0)::float8 AS oldest_due_seconds"""
         self.due_count = f"""
             SELECT count(*) FILTER (WHERE due_at <= clock_timestamp()) AS due,
                 count(*) AS total,
