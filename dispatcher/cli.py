@@ -123,6 +123,17 @@ def _load_object(spec: str) -> object:
 @click.option("--max-depth", default=8, show_default=True, help="Trigger depth limit.")
 @click.option("--no-listen", is_flag=True, help="Poll only; do not LISTEN for wake-ups.")
 @click.option("--application-name", default="dispatcher", show_default=True)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    help="Serve Prometheus metrics on this port (0: any free port); needs the metrics extra.",
+)
+@click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address the metrics endpoint binds to (0.0.0.0 to expose it, e.g. in a container).",
+)
 def run(
     dsn: str | None,
     schema: str,
@@ -134,6 +145,8 @@ def run(
     max_depth: int,
     no_listen: bool,
     application_name: str,
+    metrics_port: int | None,
+    metrics_host: str,
 ) -> None:
     """Run a dispatcher until SIGINT or SIGTERM (a second signal aborts at once; leases of
     unfinished rows are given back either way)."""
@@ -159,7 +172,24 @@ def run(
         )
     except DispatcherError as exc:
         raise click.BadParameter(str(exc)) from None
-    dispatcher = Dispatcher(target, cast("Executor", executor), config=config)
+    recorder = None
+    if metrics_port is not None:
+        try:
+            from dispatcher.metrics import PrometheusRecorder, start_metrics_server
+        except ImportError as exc:
+            raise click.ClickException(str(exc)) from None
+        recorder = PrometheusRecorder()
+    dispatcher = Dispatcher(target, cast("Executor", executor), config=config, recorder=recorder)
+    metrics_server = None
+    if recorder is not None and metrics_port is not None:
+        recorder.watch(dispatcher)
+        try:
+            metrics_server = start_metrics_server(metrics_port, host=metrics_host)
+        except OSError as exc:
+            raise click.ClickException(
+                f"cannot serve metrics on {metrics_host}:{metrics_port}: {exc}"
+            ) from None
+        click.echo(f"metrics: {metrics_server.url}", err=True)
 
     async def serve() -> None:
         async with anyio.create_task_group() as tg:
@@ -167,7 +197,11 @@ def run(
             await dispatcher.run()
             tg.cancel_scope.cancel()
 
-    _run(serve)
+    try:
+        _run(serve)
+    finally:
+        if metrics_server is not None:
+            metrics_server.close()
 
 
 async def _stop_on_signals(dispatcher: Dispatcher, scope: anyio.CancelScope) -> None:
@@ -203,7 +237,7 @@ def demo(dsn: str | None, orders: int) -> None:
     _run(lambda: run_demo(dsn, Console(), orders=orders))
 
 
-from dispatcher.cli_admin import register as _register_admin
+from dispatcher.cli_admin import register as _register_admin  # noqa: E402
 
 _register_admin(main)
 

@@ -154,7 +154,9 @@ async def run_demo(dsn: str | None, console: Console, *, orders: int = 200) -> D
             d = Dispatcher(
                 pg.dsn,
                 build_handlers(rng),
-                config=DispatcherConfig(poll_interval=0.05, max_trigger_depth=5),
+                config=DispatcherConfig(
+                    poll_interval=0.05, max_trigger_depth=5, breaker_threshold=0
+                ),
                 rng=rng,
             )
             with Live(_table(d.stats), console=console, refresh_per_second=8) as live:

@@ -78,6 +78,7 @@ def _policy_columns() -> list[Column[object]]:
         Column("max_attempts", Integer, nullable=False),
         Column("max_event_age", Float, nullable=True),
         Column("timeout", Float, nullable=False),
+        Column("park_on", ARRAY(Text), nullable=False, server_default=text("'{}'")),
     ]
 
 
@@ -139,9 +140,17 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         Column("dead_letter_id", BigInteger, nullable=True),
         Column("errors", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
         _ts("created_at", default=True),
+        _ts("parked_at", nullable=True),
+        Column("parked_reason", Text, nullable=True),
         PrimaryKeyConstraint("id", name="outbox_pkey"),
         UniqueConstraint("event_id", "trigger_id", name="outbox_event_trigger_key"),
         Index("outbox_due_idx", "due_at"),
+        Index(
+            "outbox_parked_idx",
+            "trigger_id",
+            "id",
+            postgresql_where=text("parked_at IS NOT NULL"),
+        ),
         postgresql_with=OUTBOX_STORAGE,
     )
 
@@ -196,6 +205,42 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
             "outcome IN ('success', 'failure')", name="abandoned_executions_outcome_check"
         ),
         Index("abandoned_executions_created_idx", "created_at"),
+    )
+
+    # A pause holds rows of everything (both NULL), a scope, or one trigger.
+    Table(
+        "pauses",
+        md,
+        Column("id", BigInteger, Identity(), nullable=False),
+        Column("scope", Text, nullable=True),
+        Column("trigger_id", BigInteger, nullable=True),
+        Column("note", Text, nullable=True),
+        _ts("paused_at", default=True),
+        PrimaryKeyConstraint("id", name="pauses_pkey"),
+        Index(
+            "pauses_target_key",
+            text("coalesce(scope, '')"),
+            text("coalesce(trigger_id, 0)"),
+            unique=True,
+        ),
+    )
+
+    # Circuit breakers, shared by every dispatcher process. No row (or "closed") lets a
+    # trigger's rows be claimed; "open" holds them until open_until; "half_open" lets only
+    # the probe row through.
+    Table(
+        "breakers",
+        md,
+        Column("trigger_id", BigInteger, nullable=False),
+        Column("state", Text, nullable=False, server_default=text("'closed'")),
+        Column("failures", Integer, nullable=False, server_default=text("0")),
+        _ts("open_until", nullable=True),
+        _ts("opened_at", nullable=True),
+        Column("probe_id", BigInteger, nullable=True),
+        Column("opened_count", Integer, nullable=False, server_default=text("0")),
+        _ts("updated_at", default=True),
+        PrimaryKeyConstraint("trigger_id", name="breakers_pkey"),
+        CheckConstraint("state IN ('closed', 'open', 'half_open')", name="breakers_state_check"),
     )
 
     Table(

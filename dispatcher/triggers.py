@@ -80,6 +80,7 @@ def policy_from_record(row: asyncpg.Record) -> RetryPolicy:
         jitter=row["retry_jitter"],
         max_attempts=row["max_attempts"],
         max_event_age=row["max_event_age"],
+        park_on=frozenset(row["park_on"]),
     )
 
 
@@ -144,6 +145,7 @@ class TriggerRegistry:
                 policy.max_attempts,
                 policy.max_event_age,
                 seconds,
+                sorted(policy.park_on),
                 bool(enabled),
                 bool(is_dead_letter_handler),
                 registered_by,

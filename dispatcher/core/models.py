@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -26,6 +26,10 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 class Op(StrEnum):
     PUT = "put"
     DELETE = "delete"
+
+
+# Failure kinds an operator action can clear (grant the permission, deploy the target).
+PARKABLE_KINDS = frozenset({"permission_denied", "target_not_found"})
 
 
 class BackoffKind(StrEnum):
@@ -75,6 +79,9 @@ class RetryPolicy:
     jitter: float = 0.1
     max_attempts: int = 5
     max_event_age: float | None = None
+    # Failure kinds that park a row (kept, not claimed, until un-parked) instead of
+    # dead-lettering it: those an operator can clear without changing the event.
+    park_on: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         try:
@@ -115,6 +122,16 @@ class RetryPolicy:
             if age <= 0:
                 raise InvalidInput("retry.max_event_age", self.max_event_age, "must be positive")
             object.__setattr__(self, "max_event_age", age)
+        raw: object = self.park_on
+        if isinstance(raw, str) or not isinstance(raw, Iterable):
+            raise InvalidInput("retry.park_on", raw, "must be a collection of failure kinds")
+        park_on = frozenset(str(k) for k in raw)
+        unknown = park_on - PARKABLE_KINDS
+        if unknown:
+            raise InvalidInput(
+                "retry.park_on", sorted(unknown), f"only {sorted(PARKABLE_KINDS)} can park a row"
+            )
+        object.__setattr__(self, "park_on", park_on)
         object.__setattr__(self, "base_delay", base)
         object.__setattr__(self, "factor", factor)
         object.__setattr__(self, "max_delay", max_delay)

@@ -177,6 +177,15 @@ class ResolveDeadLetter:
     error: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class Park:
+    """Keep the row, unclaimed and with its attempt count, until an operator action or a
+    success of the same trigger un-parks it."""
+
+    kind: FailureKind
+    error: ErrorRecord
+
+
 Outcome: TypeAlias = (
-    Complete | SkipDepth | Retry | Reschedule | DeadLetter | Reply | ResolveDeadLetter
+    Complete | SkipDepth | Retry | Reschedule | DeadLetter | Reply | ResolveDeadLetter | Park
 )

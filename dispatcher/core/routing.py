@@ -23,6 +23,7 @@ from dispatcher.core.outcomes import (
     FailureKind,
     Limits,
     Outcome,
+    Park,
     Reply,
     Reschedule,
     Resolution,
@@ -196,8 +197,13 @@ def _route_failure(row: ClaimedRow, failure: Failure, limits: Limits, rng: Rando
             if row.age + delay > bound:
                 return DeadLetter(DeadLetterReason.EXPIRED, attempts=row.attempts, error=error)
             return Reschedule(delay, kind, error)
-        case FailureKind.PERMANENT | FailureKind.TARGET_NOT_FOUND | FailureKind.PERMISSION_DENIED:
-            # Trying again cannot succeed until someone changes the target or its grants.
+        case FailureKind.TARGET_NOT_FOUND | FailureKind.PERMISSION_DENIED:
+            # Retrying cannot help, but deploying the target or granting the permission can:
+            # the policy may park the row for that instead of dead-lettering it.
+            if kind.value in policy.park_on:
+                return Park(kind, error)
+            return DeadLetter(_reason(kind), attempts=row.attempts + 1, error=error)
+        case FailureKind.PERMANENT:
             return DeadLetter(_reason(kind), attempts=row.attempts + 1, error=error)
         case FailureKind.HANDLER_ERROR | FailureKind.TIMEOUT:
             attempts = row.attempts + 1

@@ -44,7 +44,13 @@ from dispatcher.runtime.gate import ExecutionGate
 from dispatcher.runtime.handlers import Executor, HandlerContext, KvHandle
 from dispatcher.runtime.inbox import InProcessInbox, InvokeResult
 from dispatcher.runtime.principals import PrincipalResolver, RegisteredByResolver
-from dispatcher.runtime.settle import Applier, Decision, Release, Settlement
+from dispatcher.runtime.settle import (
+    Applier,
+    BreakerSettings,
+    Decision,
+    Release,
+    Settlement,
+)
 from dispatcher.runtime.stats import NullRecorder, Phase, Recorder, Stats, StatusSnapshot
 from dispatcher.schema import DEFAULT_SCHEMA
 from dispatcher.sql import queries
@@ -89,6 +95,12 @@ class DispatcherConfig:
     pool_size: int = 4
     # How often the backlog (due rows, oldest due age) is sampled for metrics; 0 disables.
     backlog_interval: float = 5.0
+    # Consecutive counted failures (handler error, timeout, target not found, permission
+    # denied) of one trigger that open its circuit breaker; 0 disables breakers.
+    breaker_threshold: int = 3
+    breaker_cooldown: float = 60.0
+    # Parked rows of a trigger released by each success of that trigger.
+    unpark_batch: int = 100
 
     def __post_init__(self) -> None:
         for name in ("poll_interval", "lease_margin", "reconnect_min", "reconnect_max"):
@@ -96,7 +108,10 @@ class DispatcherConfig:
         for name in ("grace_period", "gate_retry_delay", "backlog_interval"):
             _positive(name, getattr(self, name), allow_zero=True)
         _positive("max_rate_limited_age", self.max_rate_limited_age)
-        for name in ("batch_size", "concurrency", "max_error_history", "pool_size"):
+        _positive("breaker_cooldown", self.breaker_cooldown)
+        if not isinstance(self.breaker_threshold, int) or self.breaker_threshold < 0:
+            raise InvalidInput("breaker_threshold", self.breaker_threshold, "must be >= 0")
+        for name in ("batch_size", "concurrency", "max_error_history", "pool_size", "unpark_batch"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidInput(name, value, "must be a positive integer")
@@ -147,6 +162,7 @@ def _row_from_record(r: asyncpg.Record) -> ClaimedRow:
             jitter=r["retry_jitter"],
             max_attempts=r["max_attempts"],
             max_event_age=r["max_event_age"],
+            park_on=frozenset(r["park_on"]),
         ),
         timeout=r["timeout"],
         age=r["age"],
@@ -212,7 +228,12 @@ class Dispatcher:
         self.inbox = InProcessInbox()
         self.stats = Stats()
         self._applier = Applier(
-            self._sql, self.inbox, self.stats, max_error_history=self.config.max_error_history
+            self._sql,
+            self.inbox,
+            self.stats,
+            max_error_history=self.config.max_error_history,
+            breaker=BreakerSettings(self.config.breaker_threshold, self.config.breaker_cooldown),
+            unpark_batch=self.config.unpark_batch,
         )
         self._pool: asyncpg.Pool | None = None
         self._executions: TaskGroup | None = None
@@ -220,6 +241,7 @@ class Dispatcher:
         self._phase = Phase.STOPPED
         self._running = False
         self._stopping = False
+        self._draining = False
         self._wake = anyio.Event()
         self._progress = anyio.Event()
         self._pending: list[Settlement] = []
@@ -251,6 +273,23 @@ class Dispatcher:
     async def progressed(self) -> None:
         """Return at the next change in execution or settlement (progress displays, tests)."""
         await self._progress.wait()
+
+    def drain(self) -> None:
+        """Stop claiming (in-flight work finishes) but keep running: for an upgrade or a
+        maintenance window. :meth:`resume` picks up again without a restart."""
+        self._draining = True
+        log.warning("dispatcher draining", extra={"event": "dispatcher.draining"})
+
+    def resume(self) -> None:
+        """Leave drain mode and claim again at once."""
+        if self._draining:
+            self._draining = False
+            log.warning("dispatcher resumed", extra={"event": "dispatcher.resumed"})
+        self._wake.set()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
 
     def wake(self) -> None:
         """Claim now instead of at the next poll tick."""
@@ -443,6 +482,11 @@ class Dispatcher:
         async with anyio.create_task_group() as executions:
             self._executions = executions
             while not self._stopping:
+                if self._draining:
+                    self._phase = Phase.DRAINING
+                    self._wake = anyio.Event()
+                    await self._wake.wait()
+                    continue
                 if self.gate.free == 0:
                     self._phase = Phase.EXECUTING
                     await self.gate.wait_free()
@@ -661,8 +705,8 @@ class Dispatcher:
                 return
             # Something is due (or scheduled and we wait for it): let the poller take it.
             wait = self.config.poll_interval
-            if row["due"] == 0 and row["next_due_in"] is not None:
-                wait = max(0.0, min(float(row["next_due_in"]), 1.0))
+            if row["due"] == 0 and row["next_due_in"] is not None and row["next_due_in"] > 0:
+                wait = min(float(row["next_due_in"]), 1.0)
             with anyio.move_on_after(wait):
                 await self._wait_progress()
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeAlias, assert_never
 
 from dispatcher.core.outcomes import (
@@ -17,7 +18,9 @@ from dispatcher.core.outcomes import (
     DeadLetter,
     ErrorRecord,
     Failure,
+    FailureKind,
     Outcome,
+    Park,
     Reply,
     Reschedule,
     Resolution,
@@ -34,6 +37,16 @@ from dispatcher.sql import Sql
 
 log = logging.getLogger("dispatcher.settle")
 
+# Failures that say the target (not one event) is unhealthy: they feed the circuit breaker.
+BREAKER_KINDS = frozenset(
+    {
+        FailureKind.HANDLER_ERROR,
+        FailureKind.TIMEOUT,
+        FailureKind.TARGET_NOT_FOUND,
+        FailureKind.PERMISSION_DENIED,
+    }
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Release:
@@ -49,6 +62,15 @@ class Settlement:
     decision: Decision
 
 
+@dataclass(frozen=True, slots=True)
+class BreakerSettings:
+    """Consecutive counted failures that open a trigger's breaker (0: never), and for how
+    long it stays open before one probe is let through."""
+
+    threshold: int = 3
+    cooldown: float = 60.0
+
+
 def _error_json(error: ErrorRecord | None) -> str | None:
     if error is None:
         return None
@@ -60,26 +82,32 @@ def _error_json(error: ErrorRecord | None) -> str | None:
 
 @dataclass(slots=True)
 class _Batch:
-    delete: list[Settlement]
-    reschedule: list[tuple[Settlement, float, int, str | None]]
-    dead: list[tuple[Settlement, DeadLetter]]
-    resolve: list[tuple[Settlement, ResolveDeadLetter]]
-    reply: list[tuple[Settlement, Reply]]
+    complete: list[Settlement] = field(default_factory=list)
+    skip: list[Settlement] = field(default_factory=list)
+    reschedule: list[tuple[Settlement, float, int, str | None]] = field(default_factory=list)
+    park: list[tuple[Settlement, Park]] = field(default_factory=list)
+    dead: list[tuple[Settlement, DeadLetter]] = field(default_factory=list)
+    resolve: list[tuple[Settlement, ResolveDeadLetter]] = field(default_factory=list)
+    reply: list[tuple[Settlement, Reply]] = field(default_factory=list)
 
 
 def _group(items: Sequence[Settlement]) -> _Batch:
-    b = _Batch([], [], [], [], [])
+    b = _Batch()
     for item in items:
         d = item.decision
         match d:
-            case Complete() | SkipDepth():
-                b.delete.append(item)
+            case Complete():
+                b.complete.append(item)
+            case SkipDepth():
+                b.skip.append(item)
             case Retry(delay=delay, attempts=attempts, error=error):
                 b.reschedule.append((item, delay, attempts, _error_json(error)))
             case Reschedule(delay=delay, error=error):
                 b.reschedule.append((item, delay, item.row.attempts, _error_json(error)))
             case Release():
                 b.reschedule.append((item, 0.0, item.row.attempts, None))
+            case Park():
+                b.park.append((item, d))
             case DeadLetter():
                 b.dead.append((item, d))
             case ResolveDeadLetter():
@@ -91,63 +119,145 @@ def _group(items: Sequence[Settlement]) -> _Batch:
     return b
 
 
+def _breaker_failure(d: Decision) -> bool:
+    match d:
+        case Retry(error=error) | Park(error=error):
+            return error.kind in BREAKER_KINDS
+        case DeadLetter(error=error):
+            return error is not None and error.kind in BREAKER_KINDS
+        case _:
+            return False
+
+
+@dataclass(slots=True)
+class _Applied:
+    completed: set[int] = field(default_factory=set)
+    skipped: set[int] = field(default_factory=set)
+    rescheduled: set[int] = field(default_factory=set)
+    parked: set[int] = field(default_factory=set)
+    moved: set[int] = field(default_factory=set)
+    resolved: set[int] = field(default_factory=set)
+    replied: set[int] = field(default_factory=set)
+    unparked: int = 0
+    breakers_closed: list[int] = field(default_factory=list)
+    breakers_opened: list[int] = field(default_factory=list)
+
+
 class Applier:
     def __init__(
-        self, sql: Sql, inbox: InboxResolver, stats: Stats, *, max_error_history: int
+        self,
+        sql: Sql,
+        inbox: InboxResolver,
+        stats: Stats,
+        *,
+        max_error_history: int,
+        breaker: BreakerSettings | None = None,
+        unpark_batch: int = 100,
     ) -> None:
         self._sql = sql
         self._inbox = inbox
         self._stats = stats
         self._max_errors = max_error_history
+        self._breaker = breaker or BreakerSettings()
+        self._unpark_batch = unpark_batch
 
     async def apply(self, conn: Connection, items: Sequence[Settlement]) -> None:
         """Apply one batch. Raises on database errors, leaving nothing half-applied."""
         b = _group(items)
-        q = self._sql
         async with conn.transaction():
-            deleted = await self._fenced(conn, q.delete_fenced, b.delete)
-            rescheduled: set[int] = set()
-            if b.reschedule:
-                rows = await conn.fetch(
-                    q.reschedule_fenced,
-                    [s.row.id for s, *_ in b.reschedule],
-                    [s.row.lease_token for s, *_ in b.reschedule],
-                    [delay for _, delay, _, _ in b.reschedule],
-                    [attempts for _, _, attempts, _ in b.reschedule],
-                    [error for *_, error in b.reschedule],
-                    self._max_errors,
-                )
-                rescheduled = {r["id"] for r in rows}
-            moved: set[int] = set()
-            if b.dead:
-                row = await conn.fetchrow(
-                    q.dead_letter_fenced,
-                    [s.row.id for s, _ in b.dead],
-                    [s.row.lease_token for s, _ in b.dead],
-                    [d.reason.value for _, d in b.dead],
-                    [d.attempts for _, d in b.dead],
-                    [_error_json(d.error) for _, d in b.dead],
-                )
-                assert row is not None
-                moved = set(row["moved"])
-            resolved: set[int] = set()
-            if b.resolve:
-                row = await conn.fetchrow(
-                    q.resolve_dead_letter_fenced,
-                    [s.row.id for s, _ in b.resolve],
-                    [s.row.lease_token for s, _ in b.resolve],
-                    [d.dead_letter_id for _, d in b.resolve],
-                    [d.resolution.value for _, d in b.resolve],
-                    [d.error for _, d in b.resolve],
-                )
-                assert row is not None
-                resolved = set(row["deleted"])
-            replied = await self._fenced(conn, q.delete_fenced, [s for s, _ in b.reply])
+            done = await self._write(conn, b)
         # Committed. Only now may a reply leave: the row is gone, so it is delivered at most
         # once, and only by the holder of the live lease.
-        self._count(b, deleted, rescheduled, moved, resolved)
-        await self._deliver(conn, [(s, r) for s, r in b.reply if s.row.id in replied])
-        self._stats.stale += sum(1 for s, _ in b.reply if s.row.id not in replied)
+        self._count(b, done)
+        await self._deliver(conn, [(s, r) for s, r in b.reply if s.row.id in done.replied])
+
+    async def _write(self, conn: Connection, b: _Batch) -> _Applied:
+        q = self._sql
+        done = _Applied()
+        if b.complete:
+            row = await conn.fetchrow(
+                q.complete_fenced,
+                [s.row.id for s in b.complete],
+                [s.row.lease_token for s in b.complete],
+                self._unpark_batch,
+            )
+            assert row is not None
+            done.completed = set(row["deleted"])
+            done.unparked = int(row["unparked"])
+            done.breakers_closed = list(row["breakers_closed"])
+        done.skipped = await self._fenced(conn, q.delete_fenced, b.skip)
+        if b.reschedule:
+            rows = await conn.fetch(
+                q.reschedule_fenced,
+                [s.row.id for s, *_ in b.reschedule],
+                [s.row.lease_token for s, *_ in b.reschedule],
+                [delay for _, delay, _, _ in b.reschedule],
+                [attempts for _, _, attempts, _ in b.reschedule],
+                [error for *_, error in b.reschedule],
+                self._max_errors,
+            )
+            done.rescheduled = {r["id"] for r in rows}
+        if b.park:
+            rows = await conn.fetch(
+                q.park_fenced,
+                [s.row.id for s, _ in b.park],
+                [s.row.lease_token for s, _ in b.park],
+                [p.kind.value for _, p in b.park],
+                [_error_json(p.error) for _, p in b.park],
+                self._max_errors,
+            )
+            done.parked = {r["id"] for r in rows}
+        if b.dead:
+            row = await conn.fetchrow(
+                q.dead_letter_fenced,
+                [s.row.id for s, _ in b.dead],
+                [s.row.lease_token for s, _ in b.dead],
+                [d.reason.value for _, d in b.dead],
+                [d.attempts for _, d in b.dead],
+                [_error_json(d.error) for _, d in b.dead],
+            )
+            assert row is not None
+            done.moved = set(row["moved"])
+        if b.resolve:
+            row = await conn.fetchrow(
+                q.resolve_dead_letter_fenced,
+                [s.row.id for s, _ in b.resolve],
+                [s.row.lease_token for s, _ in b.resolve],
+                [d.dead_letter_id for _, d in b.resolve],
+                [d.resolution.value for _, d in b.resolve],
+                [d.error for _, d in b.resolve],
+            )
+            assert row is not None
+            done.resolved = set(row["deleted"])
+        done.replied = await self._fenced(conn, q.delete_fenced, [s for s, _ in b.reply])
+        await self._feed_breakers(conn, b, done)
+        return done
+
+    async def _feed_breakers(self, conn: Connection, b: _Batch, done: _Applied) -> None:
+        if self._breaker.threshold <= 0:
+            return
+        applied = done.rescheduled | done.parked | done.moved
+        failures = Counter(
+            s.row.trigger_id
+            for s in [
+                *(x[0] for x in b.reschedule),
+                *(x[0] for x in b.park),
+                *(x[0] for x in b.dead),
+            ]
+            if s.row.id in applied and s.row.reply_to is None and _breaker_failure(s.decision)
+        )
+        if not failures:
+            return
+        rows = await conn.fetch(
+            self._sql.breaker_failures,
+            list(failures),
+            list(failures.values()),
+            self._breaker.threshold,
+            self._breaker.cooldown,
+        )
+        done.breakers_opened = [r["trigger_id"] for r in rows if r["just_opened"]]
+        if done.breakers_opened:
+            await conn.execute(self._sql.hold_behind_breaker, done.breakers_opened)
 
     async def _fenced(self, conn: Connection, sql: str, items: Sequence[Settlement]) -> set[int]:
         if not items:
@@ -155,34 +265,30 @@ class Applier:
         rows = await conn.fetch(sql, [s.row.id for s in items], [s.row.lease_token for s in items])
         return {r["id"] for r in rows}
 
-    def _count(
-        self,
-        b: _Batch,
-        deleted: set[int],
-        rescheduled: set[int],
-        moved: set[int],
-        resolved: set[int],
-    ) -> None:
+    def _count(self, b: _Batch, done: _Applied) -> None:
         st = self._stats
         stale = 0
-        for s in b.delete:
-            if s.row.id not in deleted:
-                stale += 1
-            elif isinstance(s.decision, SkipDepth):
-                st.depth_exceeded += 1
-                log.warning(
-                    "trigger depth limit reached; row dropped",
-                    extra={
-                        "event": "dispatcher.depth_exceeded",
-                        "trigger": s.row.trigger_name,
-                        "scope": s.row.scope,
-                        "depth": s.row.depth,
-                    },
-                )
-            else:
+        for s in b.complete:
+            if s.row.id in done.completed:
                 st.succeeded += 1
+            else:
+                stale += 1
+        for s in b.skip:
+            if s.row.id not in done.skipped:
+                stale += 1
+                continue
+            st.depth_exceeded += 1
+            log.warning(
+                "trigger depth limit reached; row dropped",
+                extra={
+                    "event": "dispatcher.depth_exceeded",
+                    "trigger": s.row.trigger_name,
+                    "scope": s.row.scope,
+                    "depth": s.row.depth,
+                },
+            )
         for s, *_ in b.reschedule:
-            if s.row.id not in rescheduled:
+            if s.row.id not in done.rescheduled:
                 stale += 1
                 continue
             match s.decision:
@@ -194,11 +300,26 @@ class Applier:
                     st.released += 1
                 case _:
                     pass
+        for s, p in b.park:
+            if s.row.id not in done.parked:
+                stale += 1
+                continue
+            st.parked += 1
+            log.warning(
+                "row parked",
+                extra={
+                    "event": "dispatcher.parked",
+                    "trigger": s.row.trigger_name,
+                    "scope": s.row.scope,
+                    "kind": p.kind.value,
+                },
+            )
         for s, d in b.dead:
-            if s.row.id not in moved:
+            if s.row.id not in done.moved:
                 stale += 1
                 continue
             st.dead_lettered += 1
+            st.dead_letters_by_reason[d.reason.value] += 1
             log.warning(
                 "row dead-lettered",
                 extra={
@@ -210,12 +331,26 @@ class Applier:
                 },
             )
         for s, r in b.resolve:
-            if s.row.id not in resolved:
+            if s.row.id not in done.resolved:
                 stale += 1
             elif r.resolution is Resolution.HANDLED:
                 st.handled += 1
             else:
                 st.handler_failed += 1
+        stale += sum(1 for s, _ in b.reply if s.row.id not in done.replied)
+        st.unparked += done.unparked
+        for trigger_id in done.breakers_opened:
+            st.breakers_opened += 1
+            log.warning(
+                "circuit breaker opened",
+                extra={"event": "dispatcher.breaker_opened", "trigger_id": trigger_id},
+            )
+        for trigger_id in done.breakers_closed:
+            st.breakers_closed += 1
+            log.info(
+                "circuit breaker closed",
+                extra={"event": "dispatcher.breaker_closed", "trigger_id": trigger_id},
+            )
         if stale:
             st.stale += stale
             log.info(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Protocol
@@ -11,6 +12,7 @@ from typing import Protocol
 class Phase(StrEnum):
     STARTING = "starting"
     IDLE = "idle"
+    DRAINING = "draining"
     CLAIMING = "claiming"
     EXECUTING = "executing"
     BACKOFF = "backoff"
@@ -37,10 +39,16 @@ class Stats:
     handled: int = 0
     handler_failed: int = 0
     released: int = 0
+    parked: int = 0
+    unparked: int = 0
+    breakers_opened: int = 0
+    breakers_closed: int = 0
     db_errors: int = 0
+    dead_letters_by_reason: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+        """The scalar counters (``dead_letters_by_reason`` is separate)."""
+        return {k: v for k, v in asdict(self).items() if isinstance(v, int)}
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,10 +10,21 @@ from functools import cache
 
 from dispatcher.schema import DEFAULT_SCHEMA, check_schema_name
 
-_POLICY = (
-    "retry_kind, retry_base_delay, retry_factor, retry_max_delay, retry_jitter, "
-    "max_attempts, max_event_age, timeout"
+# The trigger columns snapshotted into every outbox row (editing a trigger never changes
+# rows in flight).
+POLICY_COLUMNS = (
+    "retry_kind",
+    "retry_base_delay",
+    "retry_factor",
+    "retry_max_delay",
+    "retry_jitter",
+    "max_attempts",
+    "max_event_age",
+    "timeout",
+    "park_on",
 )
+_POLICY = ", ".join(POLICY_COLUMNS)
+_T_POLICY = ", ".join(f"t.{c}" for c in POLICY_COLUMNS)
 _SNAPSHOT = f"trigger_id, scope, trigger_name, target, registered_by, {_POLICY}"
 
 # The trigger-match predicate, shared by single and bulk emit. ``mu`` is the mutation (scope,
@@ -57,8 +68,8 @@ class Sql:
                 match_prefix, match_like, ops, target, {_POLICY}, enabled,
                 is_dead_letter_handler, registered_by)
             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
-                $18, $19, $20
-            WHERE (SELECT count(*) FROM {s}.triggers WHERE scope = $1) < $21
+                $18, $19, $20, $21
+            WHERE (SELECT count(*) FROM {s}.triggers WHERE scope = $1) < $22
             ON CONFLICT (scope, name) DO NOTHING
             RETURNING *"""
         self.count_triggers = f"SELECT count(*) FROM {s}.triggers WHERE scope = $1"
@@ -91,9 +102,7 @@ class Sql:
                 SELECT mu.ord, mu.event_id, mu.payload, mu.depth, t.*
                 FROM mu CROSS JOIN LATERAL (
                     SELECT t.id AS trigger_id, t.scope, t.name AS trigger_name, t.target,
-                        t.registered_by, t.retry_kind, t.retry_base_delay, t.retry_factor,
-                        t.retry_max_delay, t.retry_jitter, t.max_attempts, t.max_event_age,
-                        t.timeout
+                        t.registered_by, {_T_POLICY}
                     FROM {s}.triggers t
                     WHERE {_MATCH}
                     LIMIT $8 + 1
@@ -130,11 +139,36 @@ class Sql:
         # the same index finds new rows and expired leases; the lease token tells them
         # apart (a non-null token on a due row means the previous claim was orphaned).
         self.claim = f"""
-            WITH due AS MATERIALIZED (
-                SELECT id FROM {s}.outbox
+            WITH tick AS (
+                -- A breaker whose cool-down is over lets one probe row through (half-open).
+                -- Driven from the tiny breakers table: the outbox is only looked at for the
+                -- open breakers whose time is up, one index probe each.
+                UPDATE {s}.breakers b
+                SET state = 'half_open', probe_id = c.probe, updated_at = clock_timestamp()
+                FROM (
+                    SELECT r.trigger_id,
+                        (SELECT p.id FROM {s}.outbox p
+                         WHERE p.trigger_id = r.trigger_id AND p.parked_at IS NULL
+                         ORDER BY p.due_at LIMIT 1) AS probe
+                    FROM {s}.breakers r
+                    WHERE r.state = 'open' AND r.open_until <= clock_timestamp()
+                ) AS c
+                WHERE b.trigger_id = c.trigger_id AND c.probe IS NOT NULL
+                RETURNING b.trigger_id
+            ),
+            due AS MATERIALIZED (
+                SELECT id FROM {s}.outbox o
                 WHERE due_at <= clock_timestamp()
                     AND (reply_owner IS NULL OR reply_owner = $3
                          OR reply_deadline < clock_timestamp())
+                    AND NOT EXISTS (
+                        SELECT 1 FROM {s}.pauses p
+                        WHERE (p.scope IS NULL OR p.scope = o.scope)
+                            AND (p.trigger_id IS NULL OR p.trigger_id = o.trigger_id))
+                    AND NOT EXISTS (
+                        SELECT 1 FROM {s}.breakers b
+                        WHERE b.trigger_id = o.trigger_id AND b.state <> 'closed'
+                            AND b.probe_id IS DISTINCT FROM o.id)
                 ORDER BY due_at
                 LIMIT $1
                 FOR UPDATE SKIP LOCKED
@@ -153,6 +187,116 @@ class Sql:
             USING unnest($1::bigint[], $2::uuid[]) AS f(id, token)
             WHERE o.id = f.id AND o.lease_token = f.token
             RETURNING o.id"""
+        # Async successes: delete, close the trigger's breaker if it was counting failures or
+        # open, and un-park a bounded batch of the trigger's parked rows (a success shows
+        # the cause of parking is gone).
+        self.complete_fenced = f"""
+            WITH d AS (
+                DELETE FROM {s}.outbox o
+                USING unnest($1::bigint[], $2::uuid[]) AS f(id, token)
+                WHERE o.id = f.id AND o.lease_token = f.token
+                RETURNING o.id, o.trigger_id
+            ),
+            t AS (SELECT DISTINCT trigger_id FROM d),
+            unparked AS (
+                UPDATE {s}.outbox o
+                SET due_at = clock_timestamp(), parked_at = NULL, parked_reason = NULL
+                WHERE o.id IN (
+                    SELECT p.id FROM t CROSS JOIN LATERAL (
+                        SELECT id FROM {s}.outbox q
+                        WHERE q.trigger_id = t.trigger_id AND q.parked_at IS NOT NULL
+                        ORDER BY id LIMIT $3) AS p)
+                RETURNING o.id
+            ),
+            closed AS (
+                UPDATE {s}.breakers b
+                SET state = 'closed', failures = 0, probe_id = NULL, open_until = NULL,
+                    updated_at = clock_timestamp()
+                WHERE b.trigger_id IN (SELECT trigger_id FROM t)
+                    AND (b.failures > 0 OR b.state <> 'closed')
+                RETURNING b.trigger_id
+            ),
+            was AS (
+                SELECT trigger_id, state FROM {s}.breakers
+                WHERE trigger_id IN (SELECT trigger_id FROM closed) AND state <> 'closed'
+            )
+            SELECT (SELECT coalesce(array_agg(id), '{{}}') FROM d) AS deleted,
+                (SELECT count(*) FROM unparked) AS unparked,
+                (SELECT coalesce(array_agg(trigger_id), '{{}}') FROM was) AS breakers_closed,
+                (SELECT count(*) FROM (
+                    SELECT pg_notify('{self.channel}', '') FROM unparked LIMIT 1) AS w)
+                    AS notified"""
+        # Park: out of the claim index's way (due_at = infinity), attempts kept.
+        self.park_fenced = f"""
+            UPDATE {s}.outbox o
+            SET due_at = 'infinity', parked_at = clock_timestamp(), parked_reason = f.kind,
+                lease_token = NULL,
+                errors = CASE
+                    WHEN jsonb_array_length(o.errors) >= $5 THEN (o.errors - 0)
+                    ELSE o.errors END
+                    || jsonb_build_array(f.error::jsonb
+                        || jsonb_build_object('at', clock_timestamp()))
+            FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[])
+                AS f(id, token, kind, error)
+            WHERE o.id = f.id AND o.lease_token = f.token
+            RETURNING o.id"""
+        # Counted failures per trigger: open the breaker at the threshold (or at once from
+        # half-open: the probe failed). One upsert per trigger; returns the triggers whose
+        # breaker opened with this statement.
+        self.breaker_failures = f"""
+            WITH f AS (
+                SELECT * FROM unnest($1::bigint[], $2::int[]) AS f(trigger_id, n)
+            )
+            INSERT INTO {s}.breakers AS b (trigger_id, failures, state, open_until,
+                opened_at, opened_count)
+            -- failures carries n even when opening: ON CONFLICT sees it as
+            -- excluded.failures, the count to add.
+            SELECT trigger_id, n,
+                CASE WHEN n >= $3 THEN 'open' ELSE 'closed' END,
+                CASE WHEN n >= $3 THEN clock_timestamp() + make_interval(secs => $4) END,
+                CASE WHEN n >= $3 THEN now() END,
+                (n >= $3)::int
+            FROM f
+            ON CONFLICT (trigger_id) DO UPDATE SET
+                failures = CASE
+                    WHEN b.state = 'half_open'
+                        OR (b.state = 'closed' AND b.failures + excluded.failures >= $3)
+                    THEN 0 ELSE b.failures + excluded.failures END,
+                state = CASE
+                    WHEN b.state = 'half_open'
+                        OR (b.state = 'closed' AND b.failures + excluded.failures >= $3)
+                    THEN 'open' ELSE b.state END,
+                open_until = CASE
+                    WHEN b.state = 'half_open'
+                        OR (b.state = 'closed' AND b.failures + excluded.failures >= $3)
+                    THEN clock_timestamp() + make_interval(secs => $4)
+                    ELSE b.open_until END,
+                opened_at = CASE
+                    WHEN b.state = 'half_open'
+                        OR (b.state = 'closed' AND b.failures + excluded.failures >= $3)
+                    THEN now() ELSE b.opened_at END,
+                probe_id = CASE
+                    WHEN b.state = 'half_open'
+                        OR (b.state = 'closed' AND b.failures + excluded.failures >= $3)
+                    THEN NULL ELSE b.probe_id END,
+                opened_count = b.opened_count + (
+                    b.state = 'half_open'
+                    OR (b.state = 'closed' AND b.failures + excluded.failures >= $3))::int,
+                updated_at = clock_timestamp()
+            -- b.* above is the latest committed row (ON CONFLICT waits for a concurrent
+            -- writer and re-reads), so only the transaction that made the transition sees
+            -- its own now() in opened_at: a breaker opened by two processes at once is
+            -- counted once.
+            RETURNING b.trigger_id, b.open_until, b.state = 'open' AND b.opened_at = now()
+                AS just_opened"""
+        # Move an opened breaker's waiting rows to its reopen time, so claims do not scan
+        # past them while it is open.
+        self.hold_behind_breaker = f"""
+            UPDATE {s}.outbox o SET due_at = b.open_until
+            FROM {s}.breakers b
+            WHERE b.trigger_id = ANY($1::bigint[]) AND b.state = 'open'
+                AND o.trigger_id = b.trigger_id AND o.lease_token IS NULL
+                AND o.parked_at IS NULL AND o.due_at < b.open_until"""
         # Retries, no-attempt reschedules and lease releases. The error history is bounded:
         # past $6 entries the oldest is dropped.
         self.reschedule_fenced = f"""
@@ -195,7 +339,8 @@ class Sql:
                     jsonb_build_object('kind', retry_kind, 'base_delay', retry_base_delay,
                         'factor', retry_factor, 'max_delay', retry_max_delay,
                         'jitter', retry_jitter, 'max_attempts', max_attempts,
-                        'max_event_age', max_event_age, 'timeout', timeout),
+                        'max_event_age', max_event_age, 'timeout', timeout,
+                        'park_on', to_jsonb(park_on)),
                     depth, dl_attempts, dl_reason,
                     CASE WHEN dl_error IS NULL THEN errors
                         ELSE errors || jsonb_build_array(dl_error::jsonb
@@ -213,8 +358,7 @@ class Sql:
                         'trigger_id', dl.trigger_id, 'reason', dl.reason,
                         'attempts', dl.attempts, 'errors', dl.errors, 'event', dl.payload),
                     dl.depth, dl.id, t.id, t.scope, t.name, t.target, t.registered_by,
-                    t.retry_kind, t.retry_base_delay, t.retry_factor, t.retry_max_delay,
-                    t.retry_jitter, t.max_attempts, t.max_event_age, t.timeout
+                    {_T_POLICY}
                 FROM dl JOIN {s}.triggers t
                     ON t.scope = dl.scope
                     AND t.is_dead_letter_handler
@@ -276,9 +420,7 @@ class Sql:
             SELECT $1, $2::jsonb, $3, $4, $5,
                 clock_timestamp() + make_interval(secs => $6), $8,
                 clock_timestamp() + make_interval(secs => t.timeout + $9),
-                t.id, t.scope, t.name,
-                t.target, t.registered_by, t.retry_kind, t.retry_base_delay, t.retry_factor,
-                t.retry_max_delay, t.retry_jitter, t.max_attempts, t.max_event_age, t.timeout
+                t.id, t.scope, t.name, t.target, t.registered_by, {_T_POLICY}
             FROM {s}.triggers t WHERE t.id = $7
             RETURNING {_CLAIMED}"""
         # Bounded so that sampling a huge backlog stays cheap; both parts use the due index.
@@ -289,11 +431,82 @@ class Sql:
                 coalesce(extract(epoch FROM clock_timestamp() - (
                     SELECT min(due_at) FROM {s}.outbox WHERE due_at <= clock_timestamp()
                 )), 0)::float8 AS oldest_due_seconds"""
+        # For run_until_idle: what is claimable now, and what will become claimable without
+        # an operator (parked and paused rows wait for one, so they do not count).
         self.due_count = f"""
-            SELECT count(*) FILTER (WHERE due_at <= clock_timestamp()) AS due,
+            SELECT count(*) FILTER (WHERE due_at <= clock_timestamp() AND NOT EXISTS (
+                        SELECT 1 FROM {s}.breakers b
+                        WHERE b.trigger_id = o.trigger_id AND b.state <> 'closed'
+                            AND b.probe_id IS DISTINCT FROM o.id)) AS due,
                 count(*) AS total,
                 extract(epoch FROM min(due_at) - clock_timestamp())::float8 AS next_due_in
-            FROM {s}.outbox"""
+            FROM {s}.outbox o
+            WHERE parked_at IS NULL
+                AND NOT EXISTS (
+                    SELECT 1 FROM {s}.pauses p
+                    WHERE (p.scope IS NULL OR p.scope = o.scope)
+                        AND (p.trigger_id IS NULL OR p.trigger_id = o.trigger_id))"""
+
+        # --- flow control (operator actions) ---
+        self.pause = f"""
+            INSERT INTO {s}.pauses (scope, trigger_id, note) VALUES ($1, $2, $3)
+            ON CONFLICT ((coalesce(scope, '')), (coalesce(trigger_id, 0)))
+                DO UPDATE SET note = excluded.note
+            RETURNING id, scope, trigger_id, note, paused_at"""
+        self.resume = f"""
+            WITH d AS (
+                DELETE FROM {s}.pauses
+                WHERE coalesce(scope, '') = coalesce($1, '')
+                    AND coalesce(trigger_id, 0) = coalesce($2, 0)
+                RETURNING id
+            )
+            SELECT (SELECT count(*) FROM d) AS resumed,
+                (SELECT count(*) FROM (
+                    SELECT pg_notify('{self.channel}', '') FROM d LIMIT 1) AS w) AS notified"""
+        self.list_pauses = f"""
+            SELECT p.id, p.scope, p.trigger_id, t.name AS trigger_name, p.note, p.paused_at
+            FROM {s}.pauses p LEFT JOIN {s}.triggers t ON t.id = p.trigger_id
+            ORDER BY p.paused_at"""
+        self.list_parked = f"""
+            SELECT id, event_id, trigger_id, scope, trigger_name, attempts, parked_at,
+                parked_reason, errors -> -1 AS last_error
+            FROM {s}.outbox
+            WHERE parked_at IS NOT NULL
+                AND ($1::bigint IS NULL OR trigger_id = $1)
+                AND ($2::text IS NULL OR scope = $2)
+            ORDER BY id LIMIT $3"""
+        self.count_parked = f"""
+            SELECT trigger_id, scope, trigger_name, parked_reason, count(*) AS rows
+            FROM {s}.outbox WHERE parked_at IS NOT NULL
+            GROUP BY 1, 2, 3, 4 ORDER BY rows DESC"""
+        self.unpark = f"""
+            WITH u AS (
+                UPDATE {s}.outbox o
+                SET due_at = clock_timestamp(), parked_at = NULL, parked_reason = NULL
+                WHERE o.id IN (
+                    SELECT id FROM {s}.outbox
+                    WHERE parked_at IS NOT NULL
+                        AND ($1::bigint IS NULL OR trigger_id = $1)
+                        AND ($2::text IS NULL OR scope = $2)
+                    ORDER BY id LIMIT $3
+                    FOR UPDATE SKIP LOCKED)
+                RETURNING o.id
+            )
+            SELECT (SELECT count(*) FROM u) AS unparked,
+                (SELECT count(*) FROM (
+                    SELECT pg_notify('{self.channel}', '') FROM u LIMIT 1) AS w) AS notified"""
+        self.list_breakers = f"""
+            SELECT b.trigger_id, t.scope, t.name AS trigger_name, b.state, b.failures,
+                b.open_until, b.probe_id, b.opened_count, b.updated_at
+            FROM {s}.breakers b LEFT JOIN {s}.triggers t ON t.id = b.trigger_id
+            WHERE b.state <> 'closed' OR b.failures > 0
+            ORDER BY b.updated_at DESC"""
+        self.reset_breaker = f"""
+            UPDATE {s}.breakers
+            SET state = 'closed', failures = 0, probe_id = NULL, open_until = NULL,
+                updated_at = clock_timestamp()
+            WHERE trigger_id = $1
+            RETURNING trigger_id"""
 
         # --- reference KV ---
         self.kv_get = f"""

@@ -33,7 +33,8 @@ from dispatcher.kv import KvStore
 pytestmark = pytest.mark.anyio
 
 FAST = RetryPolicy(base_delay=0, max_delay=0, jitter=0, max_attempts=3)
-CONFIG = DispatcherConfig(poll_interval=0.05, grace_period=5)
+# Breakers are exercised in test_flow_control.py; here failures must not pause triggers.
+CONFIG = DispatcherConfig(poll_interval=0.05, grace_period=5, breaker_threshold=0)
 
 
 async def trigger(conn: asyncpg.Connection, name: str, target: str, **kw: Any) -> int:

@@ -88,6 +88,8 @@ POLICY_INVALID: list[tuple[str, dict[str, Any]]] = [
     ("retry.kind", {"kind": "fibonacci"}),
     ("retry.factor", {"factor": 0.5}),
     ("retry.max_event_age", {"max_event_age": 0}),
+    ("retry.park_on", {"park_on": {"handler_error"}}),
+    ("retry.park_on", {"park_on": "permission_denied"}),
 ]
 
 

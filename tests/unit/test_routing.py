@@ -22,6 +22,7 @@ from dispatcher.core.outcomes import (
     FailureKind,
     Limits,
     Outcome,
+    Park,
     Reply,
     Reschedule,
     Resolution,
@@ -248,6 +249,24 @@ ASYNC_CASES: list[tuple[str, ClaimedRow, ExecutionResult, Outcome]] = [
         make_row(),
         fail(HE, retry_after=100.0),
         Retry(2.5, 1, err(1, HE)),
+    ),
+    (
+        "permission denied parks when the policy says so",
+        make_row(policy=replace(POLICY, park_on=frozenset({"permission_denied"})), attempts=2),
+        fail(FailureKind.PERMISSION_DENIED),
+        Park(FailureKind.PERMISSION_DENIED, err(3, FailureKind.PERMISSION_DENIED)),
+    ),
+    (
+        "target not found parks when the policy says so",
+        make_row(policy=replace(POLICY, park_on=frozenset({"target_not_found"}))),
+        fail(FailureKind.TARGET_NOT_FOUND),
+        Park(FailureKind.TARGET_NOT_FOUND, err(1, FailureKind.TARGET_NOT_FOUND)),
+    ),
+    (
+        "a kind the policy does not park still dead-letters",
+        make_row(policy=replace(POLICY, park_on=frozenset({"target_not_found"}))),
+        fail(FailureKind.PERMISSION_DENIED),
+        DeadLetter(R.PERMISSION_DENIED, 1, err(1, FailureKind.PERMISSION_DENIED)),
     ),
     (
         "orphans do not count in the attempt number",

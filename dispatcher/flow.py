@@ -1,0 +1,210 @@
+"""Flow control an operator drives: pause and resume, parked rows, circuit breakers.
+
+Pauses and breakers live in Postgres, so every dispatcher process honours them. Nothing is
+dropped: paused, held and parked rows stay in the outbox with their attempt counts.
+
+>>> flow = FlowControl()
+>>> await flow.pause(conn, scope="acme", note="upstream maintenance")
+>>> await flow.resume(conn, scope="acme")
+>>> await flow.unpark(conn, trigger_id=7, limit=500)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+
+from dispatcher.core.errors import InvalidInput
+from dispatcher.core.models import JsonValue, check_name
+from dispatcher.db import Connection
+from dispatcher.schema import DEFAULT_SCHEMA
+from dispatcher.sql import queries
+
+MAX_UNPARK_BATCH = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    id: int
+    scope: str | None
+    trigger_id: int | None
+    trigger_name: str | None
+    note: str | None
+    paused_at: datetime
+
+    @property
+    def target(self) -> str:
+        if self.trigger_id is not None:
+            return f"trigger {self.trigger_id}" + (
+                f" ({self.trigger_name})" if self.trigger_name else ""
+            )
+        if self.scope is not None:
+            return f"scope {self.scope}"
+        return "everything"
+
+
+@dataclass(frozen=True, slots=True)
+class ParkedRow:
+    id: int
+    event_id: str
+    trigger_id: int
+    scope: str
+    trigger_name: str
+    attempts: int
+    parked_at: datetime
+    reason: str | None
+    last_error: JsonValue
+
+
+@dataclass(frozen=True, slots=True)
+class ParkedSummary:
+    trigger_id: int
+    scope: str
+    trigger_name: str
+    reason: str | None
+    rows: int
+
+
+@dataclass(frozen=True, slots=True)
+class Breaker:
+    trigger_id: int
+    scope: str | None
+    trigger_name: str | None
+    state: str
+    failures: int
+    open_until: datetime | None
+    probe_id: int | None
+    opened_count: int
+    updated_at: datetime
+
+
+def _check_target(scope: str | None, trigger_id: int | None, *, everything: bool) -> None:
+    if scope is not None:
+        check_name("scope", scope)
+    if trigger_id is not None and (isinstance(trigger_id, bool) or not isinstance(trigger_id, int)):
+        raise InvalidInput("trigger_id", trigger_id, "must be an integer trigger id")
+    if scope is not None and trigger_id is not None:
+        raise InvalidInput("scope", scope, "give a scope or a trigger, not both")
+    if scope is None and trigger_id is None and not everything:
+        raise InvalidInput("target", None, "give a scope or a trigger (or everything=True)")
+
+
+@dataclass(frozen=True, slots=True)
+class FlowControl:
+    schema: str = DEFAULT_SCHEMA
+
+    async def pause(
+        self,
+        conn: Connection,
+        *,
+        scope: str | None = None,
+        trigger_id: int | None = None,
+        everything: bool = False,
+        note: str | None = None,
+    ) -> Pause:
+        """Hold rows of one trigger, one scope, or everything; rows keep accumulating."""
+        _check_target(scope, trigger_id, everything=everything)
+        row = await conn.fetchrow(queries(self.schema).pause, scope, trigger_id, note)
+        assert row is not None
+        return Pause(
+            row["id"], row["scope"], row["trigger_id"], None, row["note"], row["paused_at"]
+        )
+
+    async def resume(
+        self,
+        conn: Connection,
+        *,
+        scope: str | None = None,
+        trigger_id: int | None = None,
+        everything: bool = False,
+    ) -> bool:
+        """Lift the pause on exactly that target; returns whether there was one."""
+        _check_target(scope, trigger_id, everything=everything)
+        row = await conn.fetchrow(queries(self.schema).resume, scope, trigger_id)
+        assert row is not None
+        return bool(row["resumed"])
+
+    async def pauses(self, conn: Connection) -> list[Pause]:
+        rows = await conn.fetch(queries(self.schema).list_pauses)
+        return [
+            Pause(
+                r["id"], r["scope"], r["trigger_id"], r["trigger_name"], r["note"], r["paused_at"]
+            )
+            for r in rows
+        ]
+
+    async def parked(
+        self,
+        conn: Connection,
+        *,
+        trigger_id: int | None = None,
+        scope: str | None = None,
+        limit: int = 100,
+    ) -> list[ParkedRow]:
+        _check_limit(limit)
+        rows = await conn.fetch(queries(self.schema).list_parked, trigger_id, scope, limit)
+        return [
+            ParkedRow(
+                r["id"],
+                str(r["event_id"]),
+                r["trigger_id"],
+                r["scope"],
+                r["trigger_name"],
+                r["attempts"],
+                r["parked_at"],
+                r["parked_reason"],
+                None if r["last_error"] is None else json.loads(r["last_error"]),
+            )
+            for r in rows
+        ]
+
+    async def parked_summary(self, conn: Connection) -> list[ParkedSummary]:
+        rows = await conn.fetch(queries(self.schema).count_parked)
+        return [
+            ParkedSummary(
+                r["trigger_id"], r["scope"], r["trigger_name"], r["parked_reason"], r["rows"]
+            )
+            for r in rows
+        ]
+
+    async def unpark(
+        self,
+        conn: Connection,
+        *,
+        trigger_id: int | None = None,
+        scope: str | None = None,
+        limit: int = 1000,
+    ) -> int:
+        """Make up to ``limit`` parked rows due again (oldest first); returns how many."""
+        _check_limit(limit)
+        row = await conn.fetchrow(queries(self.schema).unpark, trigger_id, scope, limit)
+        assert row is not None
+        return int(row["unparked"])
+
+    async def breakers(self, conn: Connection) -> list[Breaker]:
+        """Breakers that are open, half-open, or counting failures."""
+        rows = await conn.fetch(queries(self.schema).list_breakers)
+        return [
+            Breaker(
+                r["trigger_id"],
+                r["scope"],
+                r["trigger_name"],
+                r["state"],
+                r["failures"],
+                r["open_until"],
+                r["probe_id"],
+                r["opened_count"],
+                r["updated_at"],
+            )
+            for r in rows
+        ]
+
+    async def reset_breaker(self, conn: Connection, trigger_id: int) -> bool:
+        """Close a breaker by hand (its held rows become claimable at their due time)."""
+        return await conn.fetchval(queries(self.schema).reset_breaker, trigger_id) is not None
+
+
+def _check_limit(limit: int) -> None:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_UNPARK_BATCH:
+        raise InvalidInput("limit", limit, f"must be an integer from 1 to {MAX_UNPARK_BATCH}")

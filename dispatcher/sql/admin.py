@@ -1,0 +1,261 @@
+"""Every statement of the operator surface (dead letters, status, abandoned executions).
+
+Like :mod:`dispatcher.sql`, the schema name is validated and injected once, and every value
+an operator types travels as a parameter, never as SQL text.
+
+Dead-letter filters share one parameter layout, ``$1`` to ``$10`` (see :data:`FILTER_PARAMS`),
+written as "``$n IS NULL OR column = $n``" pairs. asyncpg prepares each statement once per
+connection; Postgres plans the first executions with the actual values, folding the ``IS
+NULL`` tests away, so a given filter still uses the ``(scope, resolution, dead_lettered_at)``
+index.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+from dispatcher.schema import DEFAULT_SCHEMA, check_schema_name
+
+# Positional parameters of _FILTER, in order; admin.py builds its arguments from this list.
+FILTER_PARAMS = (
+    "scope",
+    "trigger_name",
+    "trigger_id",
+    "reason",
+    "resolution",
+    "since_at",
+    "since_ago",
+    "older_at",
+    "older_ago",
+    "ids",
+)
+
+# "ago" bounds compare with the database clock. The uncorrelated sub-select is an init plan,
+# computed once per statement: clock_timestamp() inline would be re-evaluated for every row
+# and keep the planner from using an index on dead_lettered_at.
+_FILTER = """
+    ($1::text IS NULL OR d.scope = $1)
+    AND ($2::text IS NULL OR d.trigger_name = $2)
+    AND ($3::bigint IS NULL OR d.trigger_id = $3)
+    AND ($4::text IS NULL OR d.reason = $4)
+    AND ($5::text IS NULL OR d.resolution = $5)
+    AND ($6::timestamptz IS NULL OR d.dead_lettered_at >= $6)
+    AND ($7::interval IS NULL OR d.dead_lettered_at >= (SELECT clock_timestamp() - $7))
+    AND ($8::timestamptz IS NULL OR d.dead_lettered_at < $8)
+    AND ($9::interval IS NULL OR d.dead_lettered_at < (SELECT clock_timestamp() - $9))
+    AND ($10::bigint[] IS NULL OR d.id = ANY ($10))
+"""
+
+# Resolutions an operator may still act on. "handler_failed" is not final: the runtime lets
+# another handler's success overwrite it, and an operator may replay or discard it.
+ACTIONABLE = ("open", "handler_failed")
+# Final resolutions: only these are ever purged.
+FINAL = ("handled", "replayed", "discarded")
+
+_ACTIONABLE_SQL = "('open', 'handler_failed')"
+_FINAL_SQL = "('handled', 'replayed', 'discarded')"
+
+# The latest error's message: entries are objects {attempt, kind, message, at}; a bare string
+# entry (hand-written rows) is shown as it is.
+_LAST_ERROR = "coalesce(d.errors -> -1 ->> 'message', d.errors ->> -1)"
+
+
+class AdminSql:
+    """The operator statements for one schema. Build with :func:`admin_queries`."""
+
+    def __init__(self, schema: str) -> None:
+        s = f'"{check_schema_name(schema)}"'
+        self.schema = schema
+        self.channel = f"{schema}_wake"
+
+        # --- dead letters: read ---
+        # $11: row limit.
+        self.list_dead_letters = f"""
+            SELECT d.id, d.scope, d.trigger_id, d.trigger_name, d.reason, d.resolution,
+                d.attempts, d.dead_lettered_at, d.resolved_at, d.replayed_as,
+                {_LAST_ERROR} AS last_error
+            FROM {s}.dead_letters d
+            WHERE {_FILTER}
+            ORDER BY d.id DESC
+            LIMIT $11"""
+        # jsonb columns come back as text whatever codecs the caller's connection has set,
+        # so decoding is always ours. The replay's fate is read from where it can be: still
+        # in the outbox, or dead-lettered again (both looked up through an index).
+        self.get_dead_letter = f"""
+            SELECT d.id, d.outbox_id, d.event_id, d.trigger_id, d.scope, d.trigger_name,
+                d.target, d.registered_by, d.payload::text AS payload,
+                d.policy::text AS policy, d.depth, d.attempts, d.reason,
+                d.errors::text AS errors, d.resolution, d.resolution_note, d.replayed_as,
+                d.event_created_at, d.dead_lettered_at, d.resolved_at,
+                EXISTS (
+                    SELECT 1 FROM {s}.outbox o
+                    WHERE o.event_id = d.replayed_as AND o.trigger_id = d.trigger_id
+                ) AS replay_pending,
+                (SELECT again.id FROM {s}.dead_letters again
+                    WHERE again.trigger_id = d.trigger_id AND again.event_id = d.replayed_as
+                    ORDER BY again.id LIMIT 1) AS replay_dead_letter_id
+            FROM {s}.dead_letters d
+            WHERE d.id = $1"""
+
+        # --- dead letters: replay and discard ---
+        # Lock what the action will change, oldest first ($11: limit, NULL for all). SKIP
+        # LOCKED: a dead letter another replay or discard holds is left to it, so two
+        # operators running the same command act on each letter once between them. Only the
+        # dead letter is locked; the trigger is read for its current policy.
+        self.lock_actionable = f"""
+            SELECT d.id, d.trigger_id, d.scope, d.trigger_name, d.policy::text AS policy,
+                t.id IS NOT NULL AS trigger_exists, t.retry_kind, t.retry_base_delay,
+                t.retry_factor, t.retry_max_delay, t.retry_jitter, t.max_attempts,
+                t.max_event_age, t.timeout
+            FROM {s}.dead_letters d
+            LEFT JOIN {s}.triggers t ON t.id = d.trigger_id
+            WHERE {_FILTER}
+                AND d.resolution IN {_ACTIONABLE_SQL}
+            ORDER BY d.id
+            LIMIT $11
+            FOR UPDATE OF d SKIP LOCKED"""
+        # For ids named explicitly: whether each exists, matches the rest of the filter, and
+        # where its lifecycle is, so that a replay can say why it left one alone.
+        self.explain_ids = f"""
+            SELECT x.id, d.id IS NOT NULL AS found, d.resolution, d.replayed_as,
+                coalesce({_FILTER}, false) AS matches
+            FROM unnest($10::bigint[]) AS x(id)
+            LEFT JOIN {s}.dead_letters d ON d.id = x.id
+            ORDER BY x.id"""
+        # The replay itself, one statement: mark each locked dead letter (compare-and-set on
+        # its resolution), enqueue exactly the ones marked with a fresh attempt budget
+        # (attempts, orphans, errors, due_at and created_at take their defaults: due now,
+        # and max_event_age counts from now), and send one wake-up hint if anything was
+        # enqueued. The snapshot columns (target, principal, payload, depth) are the dead
+        # letter's; only the policy columns come from the plan.
+        self.replay = f"""
+            WITH p AS (
+                SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::float8[],
+                    $5::float8[], $6::float8[], $7::float8[], $8::int[], $9::float8[],
+                    $10::float8[])
+                    AS p(dead_letter_id, event_id, retry_kind, retry_base_delay,
+                        retry_factor, retry_max_delay, retry_jitter, max_attempts,
+                        max_event_age, timeout)
+            ),
+            marked AS (
+                UPDATE {s}.dead_letters d
+                SET resolution = 'replayed', replayed_as = p.event_id,
+                    resolved_at = clock_timestamp()
+                FROM p
+                WHERE d.id = p.dead_letter_id AND d.resolution IN {_ACTIONABLE_SQL}
+                RETURNING d.id, p.event_id, d.trigger_id, d.scope, d.trigger_name, d.target,
+                    d.registered_by, d.payload, d.depth, p.retry_kind, p.retry_base_delay,
+                    p.retry_factor, p.retry_max_delay, p.retry_jitter, p.max_attempts,
+                    p.max_event_age, p.timeout
+            ),
+            ins AS (
+                INSERT INTO {s}.outbox (event_id, trigger_id, scope, trigger_name, target,
+                    registered_by, payload, depth, retry_kind, retry_base_delay,
+                    retry_factor, retry_max_delay, retry_jitter, max_attempts, max_event_age,
+                    timeout)
+                SELECT event_id, trigger_id, scope, trigger_name, target, registered_by,
+                    payload, depth, retry_kind, retry_base_delay, retry_factor,
+                    retry_max_delay, retry_jitter, max_attempts, max_event_age, timeout
+                FROM marked
+                ORDER BY id
+                RETURNING event_id
+            )
+            SELECT (SELECT count(*) FROM marked) AS marked,
+                (SELECT count(*) FROM ins) AS enqueued,
+                (SELECT count(*) FROM (
+                    SELECT pg_notify('{self.channel}', '') FROM ins LIMIT 1) AS w) AS notified"""
+        self.discard = f"""
+            UPDATE {s}.dead_letters
+            SET resolution = 'discarded', resolved_at = clock_timestamp()
+            WHERE id = ANY ($1::bigint[]) AND resolution IN {_ACTIONABLE_SQL}
+            RETURNING id"""
+
+        # --- dead letters: purge ---
+        # Only final resolutions go; an open or handler_failed letter is never deleted. A
+        # final row always has resolved_at, the coalesce only guards hand-edited rows.
+        _purgeable = f"""
+            d.resolution IN {_FINAL_SQL}
+            AND coalesce(d.resolved_at, d.dead_lettered_at)
+                < (SELECT clock_timestamp() - $1::interval)"""
+        self.count_purgeable = f"SELECT count(*) FROM {s}.dead_letters d WHERE {_purgeable}"
+        self.purge = f"""
+            WITH gone AS (DELETE FROM {s}.dead_letters d WHERE {_purgeable} RETURNING 1)
+            SELECT count(*) FROM gone"""
+
+        # --- abandoned executions ---
+        self.list_abandoned = f"""
+            SELECT a.id, a.reply_to, a.event_id, a.trigger_id, a.scope, a.target, a.status,
+                a.outcome, a.result::text AS result, a.error, a.created_at
+            FROM {s}.abandoned_executions a
+            WHERE ($1::text IS NULL OR a.scope = $1)
+                AND ($2::timestamptz IS NULL OR a.created_at >= $2)
+                AND ($3::interval IS NULL OR a.created_at >= (SELECT clock_timestamp() - $3))
+            ORDER BY a.id DESC
+            LIMIT $4"""
+
+        # --- status ---
+        # One statement, so every number comes from the same snapshot and the same instant
+        # of the database clock. A claimed row's due_at is its lease expiry: a future due_at
+        # with a lease token is a live claim, a past one is claimable again (counted due).
+        # $1: how many triggers to list by backlog.
+        self.status = f"""
+            WITH c AS MATERIALIZED (SELECT clock_timestamp() AS now),
+            ob AS (
+                SELECT
+                    count(*) FILTER (WHERE o.due_at <= (SELECT now FROM c)) AS due_now,
+                    count(*) FILTER (WHERE o.due_at > (SELECT now FROM c)
+                        AND o.lease_token IS NULL) AS scheduled,
+                    count(*) FILTER (WHERE o.due_at > (SELECT now FROM c)
+                        AND o.lease_token IS NOT NULL) AS leased,
+                    extract(epoch FROM (SELECT now FROM c)
+                        - min(o.due_at) FILTER (WHERE o.due_at <= (SELECT now FROM c))
+                    )::float8 AS oldest_due_seconds
+                FROM {s}.outbox o
+            ),
+            top AS (
+                SELECT o.trigger_id, o.scope, o.trigger_name, count(*) AS total,
+                    count(*) FILTER (WHERE o.due_at <= (SELECT now FROM c)) AS due_now
+                FROM {s}.outbox o
+                GROUP BY o.trigger_id, o.scope, o.trigger_name
+                ORDER BY total DESC, o.trigger_id
+                LIMIT $1
+            ),
+            by_resolution AS (
+                SELECT resolution, count(*) AS n FROM {s}.dead_letters GROUP BY resolution
+            ),
+            by_reason AS (
+                SELECT reason, count(*) AS n FROM {s}.dead_letters
+                WHERE resolution IN {_ACTIONABLE_SQL}
+                GROUP BY reason
+            )
+            SELECT c.now, ob.due_now, ob.scheduled, ob.leased, ob.oldest_due_seconds,
+                (SELECT coalesce(array_agg(resolution ORDER BY resolution), '{{}}')
+                    FROM by_resolution) AS resolutions,
+                (SELECT coalesce(array_agg(n ORDER BY resolution), '{{}}')
+                    FROM by_resolution) AS resolution_counts,
+                (SELECT coalesce(array_agg(reason ORDER BY reason), '{{}}')
+                    FROM by_reason) AS reasons,
+                (SELECT coalesce(array_agg(n ORDER BY reason), '{{}}')
+                    FROM by_reason) AS reason_counts,
+                (SELECT coalesce(array_agg(trigger_id ORDER BY total DESC, trigger_id), '{{}}')
+                    FROM top) AS top_trigger_ids,
+                (SELECT coalesce(array_agg(scope ORDER BY total DESC, trigger_id), '{{}}')
+                    FROM top) AS top_scopes,
+                (SELECT coalesce(array_agg(trigger_name ORDER BY total DESC, trigger_id),
+                    '{{}}') FROM top) AS top_names,
+                (SELECT coalesce(array_agg(total ORDER BY total DESC, trigger_id), '{{}}')
+                    FROM top) AS top_totals,
+                (SELECT coalesce(array_agg(due_now ORDER BY total DESC, trigger_id), '{{}}')
+                    FROM top) AS top_due,
+                (SELECT count(*) FROM {s}.abandoned_executions) AS abandoned
+            FROM c, ob"""
+
+
+@cache
+def admin_queries(schema: str = DEFAULT_SCHEMA) -> AdminSql:
+    """The cached :class:`AdminSql` for ``schema``.
+
+    >>> admin_queries("dispatcher").channel
+    'dispatcher_wake'
+    """
+    return AdminSql(schema)

@@ -1,0 +1,464 @@
+"""Every operator command of the CLI against real Postgres: exit codes, JSON output, dry
+runs, and bad input reported in one line without a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from datetime import UTC, timedelta
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import asyncpg
+import pytest
+from click.testing import CliRunner, Result
+from dead_letter_seed import abandoned, add_trigger, dead_letter, enqueue, rows, set_state
+
+from dispatcher.cli import main
+
+pytestmark = pytest.mark.anyio
+
+DAY = timedelta(days=1)
+# Nothing from the environment of whoever runs the tests.
+CLEAN_ENV: dict[str, str | None] = {
+    "DATABASE_URL": None,
+    "DISPATCHER_SCHEMA": None,
+    "DISPATCHER_LOG_LEVEL": None,
+}
+
+
+async def run(*args: str) -> Result:
+    """Invoke the CLI in a worker thread: it runs its own event loop, as it would in a shell."""
+    runner = CliRunner(env=CLEAN_ENV)
+    return await anyio.to_thread.run_sync(lambda: runner.invoke(main, list(args)))
+
+
+async def ok(*args: str) -> Result:
+    result = await run(*args)
+    assert result.exit_code == 0, result.output
+    assert result.exception is None
+    return result
+
+
+async def ok_json(*args: str) -> Any:
+    return json.loads((await ok(*args, "--json")).stdout)
+
+
+def assert_error(result: Result, *, code: int = 1, contains: str = "") -> str:
+    """A failed command: the expected exit status, no traceback, an ``Error:`` line."""
+    assert result.exit_code == code, result.output
+    assert isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    err = result.stderr.strip()
+    lines = err.splitlines()
+    if code == 1:
+        assert len(lines) == 1, err
+    assert lines[-1].startswith("Error: "), err
+    assert contains in lines[-1], err
+    return lines[-1]
+
+
+async def seed(conn: asyncpg.Connection) -> dict[str, int]:
+    welcome = await add_trigger(conn, "welcome")
+    billing = await add_trigger(conn, "billing")
+    return {
+        "welcome": welcome,
+        "billing": billing,
+        "a": await dead_letter(conn, trigger_id=welcome, age=timedelta(hours=1)),
+        "b": await dead_letter(conn, trigger_id=welcome, reason="timeout", age=3 * DAY),
+        "c": await dead_letter(
+            conn,
+            trigger_id=billing,
+            trigger_name="billing",
+            reason="permanent",
+            resolution="discarded",
+            age=20 * DAY,
+        ),
+        "g": await dead_letter(
+            conn, trigger_id=welcome, scope="globex", resolution="handler_failed", age=2 * DAY
+        ),
+    }
+
+
+async def test_status_json_and_table(dsn: str, conn: asyncpg.Connection) -> None:
+    ids = await seed(conn)
+    # Both triggers match: users/1 -> rows 0 and 1, users/2 -> rows 2 and 3.
+    outbox = await enqueue(conn, "users/1", "users/2")
+    for row in outbox[:2]:
+        await set_state(conn, row, due_in=-30)
+    for row in outbox[2:]:
+        await set_state(conn, row, due_in=600)
+    await abandoned(conn)
+
+    report = await ok_json("status", "--dsn", dsn)
+    assert report["outbox"] == {
+        "due_now": 2,
+        "scheduled": 2,
+        "leased": 0,
+        "oldest_due_seconds": pytest.approx(30, abs=30),
+    }
+    assert report["dead_letters_by_resolution"] == {
+        "open": 2,
+        "handled": 0,
+        "handler_failed": 1,
+        "replayed": 0,
+        "discarded": 1,
+    }
+    assert report["unresolved_by_reason"] == {"handler_error": 2, "timeout": 1}
+    assert [t["trigger_id"] for t in report["top_backlog"]] == [ids["welcome"], ids["billing"]]
+    assert report["abandoned_executions"] == 1
+
+    text = (await ok("status", "--dsn", dsn)).stdout
+    assert "due now" in text
+    assert "handler_failed" in text
+    assert "abandoned executions: 1" in text
+    assert "\x1b[" not in text  # no colour codes when not a terminal
+
+
+async def test_triggers_add_list_enable_disable_remove(dsn: str, conn: asyncpg.Connection) -> None:
+    added = await ok(
+        "triggers", "add", "--dsn", dsn, "--scope", "acme", "--name", "welcome",
+        "--namespace", "users", "--pattern", "users/*", "--target", "send_welcome",
+        "--registered-by", "user:7", "--ops", "put", "--retry-kind", "linear",
+        "--base-delay", "2", "--factor", "1", "--max-delay", "20", "--jitter", "0",
+        "--max-attempts", "4", "--max-event-age", "600", "--timeout", "12", "--disabled",
+    )  # fmt: skip
+    row = await conn.fetchrow("SELECT * FROM dispatcher.triggers WHERE name = 'welcome'")
+    assert row is not None
+    tid = row["id"]
+    assert added.stdout.strip() == f"registered trigger {tid} (acme/welcome, disabled)"
+    assert (row["enabled"], row["is_dead_letter_handler"], list(row["ops"])) == (
+        False,
+        False,
+        ["put"],
+    )
+    assert (row["retry_kind"], row["max_attempts"], row["timeout"]) == ("linear", 4, 12.0)
+    assert row["max_event_age"] == 600.0
+
+    await ok(
+        "triggers", "add", "--dsn", dsn, "--scope", "acme", "--name", "on-dead",
+        "--namespace", "users", "--pattern", "users/*", "--target", "alert",
+        "--registered-by", "user:7", "--ops", "put,delete", "--dead-letter-handler",
+    )  # fmt: skip
+    listed = await ok_json("triggers", "list", "--dsn", dsn)
+    assert [(t["name"], t["enabled"], t["is_dead_letter_handler"]) for t in listed] == [
+        ("on-dead", True, True),
+        ("welcome", False, False),
+    ]
+    assert listed[0]["ops"] == ["delete", "put"]
+    expected_retry = {
+        "kind": "linear",
+        "base_delay": 2.0,
+        "factor": 1.0,
+        "max_delay": 20.0,
+        "jitter": 0.0,
+        "max_attempts": 4,
+        "max_event_age": 600.0,
+    }
+    assert {k: listed[1]["retry"][k] for k in expected_retry} == expected_retry
+    assert await ok_json("triggers", "list", "--dsn", dsn, "--scope", "globex") == []
+    table = (await ok("triggers", "list", "--dsn", dsn)).stdout
+    assert "send_welcome" in table
+    assert "2 trigger(s)" in table
+
+    assert "enabled" in (await ok("triggers", "enable", "--dsn", dsn, str(tid))).stdout
+    assert await conn.fetchval("SELECT enabled FROM dispatcher.triggers WHERE id = $1", tid)
+    assert "disabled" in (await ok("triggers", "disable", "--dsn", dsn, str(tid))).stdout
+    assert not await conn.fetchval("SELECT enabled FROM dispatcher.triggers WHERE id = $1", tid)
+    await ok("triggers", "remove", "--dsn", dsn, str(tid))
+    assert await conn.fetchval("SELECT count(*) FROM dispatcher.triggers WHERE id = $1", tid) == 0
+    for action in ("remove", "enable", "disable"):
+        assert_error(
+            await run("triggers", action, "--dsn", dsn, str(tid)), contains=f"no trigger {tid}"
+        )
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        (["--jitter", "7"], "retry.jitter"),
+        (["--base-delay", "nan"], "retry.base_delay"),
+        (["--max-attempts", "0"], "retry.max_attempts"),
+        (["--timeout", "0"], "execution_timeout"),
+        (["--pattern", "a**b"], "key_pattern"),
+        (["--ops", "upsert"], "ops"),
+        (["--name", "welcome"], "name"),  # already exists
+    ],
+)
+async def test_triggers_add_rejects_bad_values_in_one_line(
+    dsn: str, conn: asyncpg.Connection, extra: list[str], field: str
+) -> None:
+    await add_trigger(conn, "welcome")
+    base = {
+        "--scope": "acme",
+        "--name": "other",
+        "--namespace": "users",
+        "--pattern": "users/*",
+        "--target": "t",
+        "--registered-by": "user:7",
+    }
+    args = ["triggers", "add", "--dsn", dsn, *extra]
+    for option, value in base.items():
+        if option not in extra:
+            args += [option, value]
+    assert_error(await run(*args), contains=f"invalid {field}=")
+    assert await conn.fetchval("SELECT count(*) FROM dispatcher.triggers") == 1
+
+
+async def test_names_print_as_they_are(dsn: str, conn: asyncpg.Connection) -> None:
+    await add_trigger(conn, "[bold]x[/bold]")
+    assert "[bold]x[/bold]" in (await ok("triggers", "list", "--dsn", dsn)).stdout
+
+
+LIST_FILTERS: list[tuple[list[str], str]] = [
+    ([], "gcba"),
+    (["--scope", "acme"], "cba"),
+    (["--trigger", "billing"], "c"),
+    (["--reason", "timeout"], "b"),
+    (["--resolution", "handler_failed"], "g"),
+    (["--since", "5h"], "a"),
+    (["--older-than", "2d12h"], "cb"),
+    (["--scope", "acme", "--reason", "handler_error"], "a"),
+    (["--limit", "2"], "gc"),
+]
+
+
+@pytest.mark.parametrize(("args", "expected"), LIST_FILTERS)
+async def test_dead_letters_list_filters(
+    dsn: str, conn: asyncpg.Connection, args: list[str], expected: str
+) -> None:
+    ids = await seed(conn)
+    found = await ok_json("dead-letters", "list", "--dsn", dsn, *args)
+    assert [d["id"] for d in found] == [ids[k] for k in expected]
+
+
+async def test_dead_letters_list_by_trigger_id_and_iso_moments(
+    dsn: str, conn: asyncpg.Connection
+) -> None:
+    ids = await seed(conn)
+    found = await ok_json("dead-letters", "list", "--dsn", dsn, "--trigger-id", str(ids["billing"]))
+    assert [d["id"] for d in found] == [ids["c"]]
+    moment = await conn.fetchval("SELECT clock_timestamp() - interval '2 days 12 hours'")
+    since = await ok_json("dead-letters", "list", "--dsn", dsn, "--since", moment.isoformat())
+    assert [d["id"] for d in since] == [ids["g"], ids["a"]]
+    # A naive datetime is read as UTC.
+    naive_utc = moment.astimezone(UTC).replace(tzinfo=None)
+    older = await ok_json(
+        "dead-letters", "list", "--dsn", dsn, "--older-than", naive_utc.isoformat()
+    )
+    assert [d["id"] for d in older] == [ids["c"], ids["b"]]
+
+
+async def test_dead_letters_list_table(dsn: str, conn: asyncpg.Connection) -> None:
+    ids = await seed(conn)
+    out = (await ok("dead-letters", "list", "--dsn", dsn, "--scope", "acme")).stdout
+    assert "4 dead letter(s)" not in out
+    assert "3 dead letter(s)" in out
+    assert "ValueError: smtp refused #3" in out
+    for k in "abc":
+        assert str(ids[k]) in out
+
+
+async def test_dead_letters_show(dsn: str, conn: asyncpg.Connection) -> None:
+    ids = await seed(conn)
+    detail = await ok_json("dead-letters", "show", "--dsn", dsn, str(ids["b"]))
+    assert detail["id"] == ids["b"]
+    assert detail["reason"] == "timeout"
+    assert detail["resolution"] == "open"
+    assert detail["payload"]["value"] == {"plan": "pro", "seats": 3}
+    assert detail["policy"]["kind"] == "linear"
+    assert [e["attempt"] for e in detail["errors"]] == [1, 2, 3]
+    assert detail["errors"][0]["at"] == "2026-11-22T10:01:00.123456+00:00"
+    assert detail["replayed_as"] is None
+
+    text = (await ok("dead-letters", "show", "--dsn", dsn, str(ids["b"]))).stdout
+    assert f"Dead letter {ids['b']}" in text
+    assert "ValueError: smtp refused #2" in text
+    assert '"seats": 3' in text
+
+    assert_error(
+        await run("dead-letters", "show", "--dsn", dsn, "999999"),
+        contains="no dead letter with id 999999",
+    )
+
+
+async def test_replay_dry_run_then_for_real(dsn: str, conn: asyncpg.Connection) -> None:
+    ids = await seed(conn)
+    before = [await rows(conn, t) for t in ("dead_letters", "outbox")]
+    dry = await ok_json("dead-letters", "replay", "--dsn", dsn, "--scope", "acme", "--dry-run")
+    assert dry["dry_run"] is True
+    assert [r["dead_letter_id"] for r in dry["replayed"]] == [ids["a"], ids["b"]]
+    assert all(r["event_id"] is None for r in dry["replayed"])
+    out = (await ok("dead-letters", "replay", "--dsn", dsn, "--scope", "acme", "--dry-run")).stdout
+    assert "dry run: would replay 2 dead letter(s)" in out
+    assert [await rows(conn, t) for t in ("dead_letters", "outbox")] == before
+
+    real = await ok_json("dead-letters", "replay", "--dsn", dsn, "--scope", "acme")
+    assert [r["dead_letter_id"] for r in real["replayed"]] == [ids["a"], ids["b"]]
+    events = {uuid.UUID(r["event_id"]) for r in real["replayed"]}
+    outbox = await conn.fetch("SELECT event_id, attempts FROM dispatcher.outbox")
+    assert {r["event_id"] for r in outbox} == events
+    assert {r["attempts"] for r in outbox} == {0}
+
+    again = (await ok("dead-letters", "replay", "--dsn", dsn, str(ids["a"]))).stdout
+    assert "already replayed as" in again
+    assert "replayed 0 dead letter(s)" in again
+    assert await conn.fetchval("SELECT count(*) FROM dispatcher.outbox") == 2
+
+
+async def test_replay_with_the_current_policy(dsn: str, conn: asyncpg.Connection) -> None:
+    ids = await seed(conn)
+    report = await ok_json(
+        "dead-letters", "replay", "--dsn", dsn, str(ids["a"]), "--policy", "current"
+    )
+    [r] = report["replayed"]
+    assert report["policy"] == "current"
+    # add_trigger's policy, not the snapshot's.
+    assert (r["policy"]["max_attempts"], r["timeout"]) == (8, 45.0)
+    assert await conn.fetchval("SELECT max_attempts FROM dispatcher.outbox") == 8
+
+
+async def test_bulk_actions_refuse_an_empty_selection(dsn: str, conn: asyncpg.Connection) -> None:
+    await seed(conn)
+    for action in ("replay", "discard"):
+        assert_error(await run("dead-letters", action, "--dsn", dsn), code=2, contains="--all")
+    assert await conn.fetchval("SELECT count(*) FROM dispatcher.outbox") == 0
+    out = (await ok("dead-letters", "replay", "--dsn", dsn, "--all")).stdout
+    assert "replayed 3 dead letter(s)" in out
+
+
+async def test_replay_unknown_id(dsn: str, conn: asyncpg.Connection) -> None:
+    ids = await seed(conn)
+    assert_error(
+        await run("dead-letters", "replay", "--dsn", dsn, str(ids["a"]), "424242"),
+        contains="no dead letter with id 424242",
+    )
+    assert await conn.fetchval("SELECT count(*) FROM dispatcher.outbox") == 0
+
+
+async def test_discard(dsn: str, conn: asyncpg.Connection) -> None:
+    ids = await seed(conn)
+    before = await rows(conn, "dead_letters")
+    out = await ok("dead-letters", "discard", "--dsn", dsn, "--trigger", "welcome", "--dry-run")
+    assert out.stdout.strip() == "dry run: would discard 3 dead letter(s)"
+    assert await rows(conn, "dead_letters") == before
+    out = await ok("dead-letters", "discard", "--dsn", dsn, "--trigger", "welcome")
+    assert out.stdout.strip() == "discarded 3"
+    resolutions = dict(await conn.fetch("SELECT id, resolution FROM dispatcher.dead_letters"))
+    assert resolutions == {
+        ids["a"]: "discarded",
+        ids["b"]: "discarded",
+        ids["c"]: "discarded",
+        ids["g"]: "discarded",
+    }
+    assert_error(
+        await run("dead-letters", "discard", "--dsn", dsn, "--resolution", "replayed"),
+        contains="only open or handler_failed dead letters can be discarded",
+    )
+
+
+async def test_purge(dsn: str, conn: asyncpg.Connection) -> None:
+    ids = await seed(conn)  # c: discarded 10 days ago
+    before = await rows(conn, "dead_letters")
+    dry = await ok("dead-letters", "purge", "--dsn", dsn, "--older-than", "7d", "--dry-run")
+    assert dry.stdout.strip() == "dry run: would purge 1 dead letter(s)"
+    assert await rows(conn, "dead_letters") == before
+    assert (await ok("dead-letters", "purge", "--dsn", dsn, "--older-than", "7d")).stdout == (
+        "purged 1\n"
+    )
+    left = {r["id"] for r in await conn.fetch("SELECT id FROM dispatcher.dead_letters")}
+    assert left == {ids["a"], ids["b"], ids["g"]}
+    assert_error(await run("dead-letters", "purge", "--dsn", dsn), code=2, contains="--older-than")
+
+
+async def test_abandoned_list(dsn: str, conn: asyncpg.Connection) -> None:
+    old = await abandoned(conn, age=2 * DAY)
+    new = await abandoned(conn, outcome="failure", scope="globex")
+    found = await ok_json("abandoned", "list", "--dsn", dsn)
+    assert [a["id"] for a in found] == [new, old]
+    assert found[0]["error"] == "timeout: no reply in 5s"
+    assert found[1]["result"] == {"price": 12.5}
+    assert [a["id"] for a in await ok_json("abandoned", "list", "--dsn", dsn, "--since", "1d")] == [
+        new
+    ]
+    scoped = await ok_json("abandoned", "list", "--dsn", dsn, "--scope", "acme")
+    assert [a["id"] for a in scoped] == [old]
+    text = (await ok("abandoned", "list", "--dsn", dsn)).stdout
+    assert "2 abandoned execution(s)" in text
+    assert "timeout: no reply in 5s" in text
+
+
+BAD_USAGE: list[tuple[list[str], str]] = [
+    (["dead-letters", "list", "--reason", "exploded"], "--reason"),
+    (["dead-letters", "list", "--resolution", "closed"], "--resolution"),
+    (["dead-letters", "list", "--since", "yesterday"], "--since"),
+    (["dead-letters", "list", "--older-than", "7 days"], "--older-than"),
+    (["dead-letters", "list", "--limit", "0"], "--limit"),
+    (["dead-letters", "purge", "--older-than", "-1d"], "--older-than"),
+    (["dead-letters", "show", "twelve"], "DEAD_LETTER_ID"),
+    (["dead-letters", "replay", "--policy", "newest", "--all"], "--policy"),
+    (["abandoned", "list", "--since", "1 hour"], "--since"),
+    (["triggers", "enable", "x"], "TRIGGER_ID"),
+]
+
+
+@pytest.mark.parametrize(("args", "mention"), BAD_USAGE)
+async def test_bad_options_are_usage_errors(dsn: str, args: list[str], mention: str) -> None:
+    result = await run(*args, "--dsn", dsn)
+    assert_error(result, code=2, contains=mention)
+
+
+async def test_filter_values_click_accepts_but_the_api_refuses(dsn: str) -> None:
+    line = assert_error(await run("dead-letters", "list", "--dsn", dsn, "--trigger-id", "0"))
+    assert line == "Error: invalid trigger_id=0: must be a positive integer id"
+    assert_error(
+        await run("dead-letters", "list", "--dsn", dsn, "--since", "999999999w"),
+        code=2,
+        contains="--since",
+    )
+
+
+@pytest.mark.parametrize(
+    ("dsn_value", "message"),
+    [
+        ("postgresql://nobody:s3cret@127.0.0.1:1/x", "Error: cannot reach Postgres"),
+        ("postgresql://nobody:s3cret@[bad/x", "Error: invalid --dsn"),
+        ("postgresql://nobody:s3cret@127.0.0.1:99999/x", "Error: invalid --dsn"),
+        ("mysql://nobody:s3cret@a/b", "Error: invalid --dsn: invalid DSN: scheme"),
+    ],
+)
+async def test_bad_dsns_are_one_line_errors(dsn_value: str, message: str) -> None:
+    for args in (["status"], ["dead-letters", "list"], ["dead-letters", "show", "1"]):
+        line = assert_error(await run(*args, "--dsn", dsn_value))
+        assert line.startswith(message)
+        assert "s3cret" not in line
+
+
+async def test_missing_dsn_and_unmigrated_or_bad_schema(dsn: str) -> None:
+    assert_error(await run("status"), code=2, contains="give --dsn or set DATABASE_URL")
+    assert_error(
+        await run("status", "--dsn", dsn, "--schema", "elsewhere"),
+        contains="Run `dispatcher migrate` (with the same --schema) first",
+    )
+    assert_error(await run("status", "--dsn", dsn, "--schema", "Bad-Name"), contains="schema")
+
+
+async def test_python_dash_m_entry_point(dsn: str, conn: asyncpg.Connection) -> None:
+    """``python -m dispatcher.cli`` loads the admin commands too (no circular import)."""
+    await seed(conn)
+
+    async def cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+        cmd = [sys.executable, "-m", "dispatcher.cli", *args, "--dsn", dsn]
+        with anyio.fail_after(60):
+            return await anyio.run_process(cmd, check=False)
+
+    listed = await cli("dead-letters", "list", "--json")
+    assert listed.returncode == 0, listed.stderr.decode()
+    assert len(json.loads(listed.stdout)) == 4
+    missing = await cli("dead-letters", "show", "999999")
+    assert missing.returncode == 1
+    assert missing.stderr.decode().strip() == "Error: no dead letter with id 999999"
+    assert missing.stdout == b""
