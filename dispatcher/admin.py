@@ -489,6 +489,7 @@ class Admin:
                     [p.policy.max_attempts for p in plan.replay],
                     [p.policy.max_event_age for p in plan.replay],
                     [p.timeout for p in plan.replay],
+                    [json.dumps(sorted(p.policy.park_on)) for p in plan.replay],
                 )
                 assert done is not None  # an aggregate query always returns one row
                 # The rows are locked and were checked actionable, so every one is marked
@@ -724,6 +725,7 @@ def _current_policy(r: asyncpg.Record) -> tuple[RetryPolicy, float]:
         jitter=r["retry_jitter"],
         max_attempts=r["max_attempts"],
         max_event_age=r["max_event_age"],
+        park_on=frozenset(r["park_on"]),
     )
     return retry, float(r["timeout"])
 
@@ -745,6 +747,7 @@ def _snapshot_policy(text: str) -> tuple[RetryPolicy, float]:
         jitter=snap["jitter"],
         max_attempts=snap["max_attempts"],
         max_event_age=snap.get("max_event_age"),
+        park_on=frozenset(snap.get("park_on") or ()),
     )
     return retry, float(timeout)
 

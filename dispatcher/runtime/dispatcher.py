@@ -17,7 +17,7 @@ import math
 import random
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
 
@@ -36,6 +36,7 @@ from dispatcher.core.outcomes import (
     Success,
 )
 from dispatcher.core.policy import RandomSource
+from dispatcher.core.redact import DEFAULT_REDACT_KEYS, Redactor
 from dispatcher.core.routing import admit, route
 from dispatcher.core.sanitize import describe_exception
 from dispatcher.emit import Emitter, encode_event
@@ -101,6 +102,10 @@ class DispatcherConfig:
     breaker_cooldown: float = 60.0
     # Parked rows of a trigger released by each success of that trigger.
     unpark_batch: int = 100
+    # Keys whose values never reach dead_letters, abandoned_executions or error histories
+    # (matched case-insensitively, '-' and '_' alike); () turns redaction off. A replayed
+    # dead letter runs with its redacted payload: keep credentials out of events.
+    redact_keys: tuple[str, ...] = tuple(sorted(DEFAULT_REDACT_KEYS))
 
     def __post_init__(self) -> None:
         for name in ("poll_interval", "lease_margin", "reconnect_min", "reconnect_max"):
@@ -224,6 +229,7 @@ class Dispatcher:
         self._rng: RandomSource = rng or random.Random()
         self._sql = queries(self.config.schema)
         self._limits = self.config.limits
+        self._redactor = Redactor(frozenset(self.config.redact_keys))
         self.gate = ExecutionGate(self.config.concurrency)
         self.inbox = InProcessInbox()
         self.stats = Stats()
@@ -234,6 +240,7 @@ class Dispatcher:
             max_error_history=self.config.max_error_history,
             breaker=BreakerSettings(self.config.breaker_threshold, self.config.breaker_cooldown),
             unpark_batch=self.config.unpark_batch,
+            redactor=self._redactor,
         )
         self._pool: asyncpg.Pool | None = None
         self._executions: TaskGroup | None = None
@@ -578,6 +585,10 @@ class Dispatcher:
             time.perf_counter() - started,
             "success" if isinstance(result, Success) else result.kind.value,
         )
+        if isinstance(result, Failure) and self._redactor.enabled:
+            # Error text is kept in the outbox, dead letters and replies to gone callers.
+            secrets = self._redactor.secrets_in(row.payload)
+            result = replace(result, message=self._redactor.redact_text(result.message, secrets))
         return route(row, result, self._limits, self._rng)
 
     async def _run_target(self, row: ClaimedRow) -> ExecutionResult:

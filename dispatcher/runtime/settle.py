@@ -29,6 +29,7 @@ from dispatcher.core.outcomes import (
     SkipDepth,
     Success,
 )
+from dispatcher.core.redact import Redactor
 from dispatcher.core.sanitize import sanitize_json
 from dispatcher.db import Connection
 from dispatcher.runtime.inbox import InboxResolver
@@ -153,6 +154,7 @@ class Applier:
         max_error_history: int,
         breaker: BreakerSettings | None = None,
         unpark_batch: int = 100,
+        redactor: Redactor | None = None,
     ) -> None:
         self._sql = sql
         self._inbox = inbox
@@ -160,6 +162,7 @@ class Applier:
         self._max_errors = max_error_history
         self._breaker = breaker or BreakerSettings()
         self._unpark_batch = unpark_batch
+        self._redactor = redactor or Redactor(frozenset())
 
     async def apply(self, conn: Connection, items: Sequence[Settlement]) -> None:
         """Apply one batch. Raises on database errors, leaving nothing half-applied."""
@@ -215,6 +218,7 @@ class Applier:
                 [d.reason.value for _, d in b.dead],
                 [d.attempts for _, d in b.dead],
                 [_error_json(d.error) for _, d in b.dead],
+                [self._redacted_payload(s.row) for s, _ in b.dead],
             )
             assert row is not None
             done.moved = set(row["moved"])
@@ -232,6 +236,11 @@ class Applier:
         done.replied = await self._fenced(conn, q.delete_fenced, [s for s, _ in b.reply])
         await self._feed_breakers(conn, b, done)
         return done
+
+    def _redacted_payload(self, row: ClaimedRow) -> str | None:
+        if not self._redactor.enabled:
+            return None  # the statement keeps the stored payload
+        return json.dumps(self._redactor.redact_json(row.payload), ensure_ascii=False)
 
     async def _feed_breakers(self, conn: Connection, b: _Batch, done: _Applied) -> None:
         if self._breaker.threshold <= 0:
@@ -377,8 +386,8 @@ class Applier:
             [s.row.target for s, _ in abandoned],
             [r.status for _, r in abandoned],
             ["success" if isinstance(r.result, Success) else "failure" for _, r in abandoned],
-            [_result_json(r) for _, r in abandoned],
-            [_failure_text(r) for _, r in abandoned],
+            [_result_json(r, self._redactor) for _, r in abandoned],
+            [_failure_text(r, self._redactor) for _, r in abandoned],
         )
         self._stats.abandoned += len(abandoned)
         log.info(
@@ -387,13 +396,14 @@ class Applier:
         )
 
 
-def _result_json(reply: Reply) -> str | None:
+def _result_json(reply: Reply, redactor: Redactor) -> str | None:
     if isinstance(reply.result, Success):
-        return json.dumps(sanitize_json(reply.result.result), ensure_ascii=False)
+        value = redactor.redact_json(sanitize_json(reply.result.result))
+        return json.dumps(value, ensure_ascii=False)
     return None
 
 
-def _failure_text(reply: Reply) -> str | None:
+def _failure_text(reply: Reply, redactor: Redactor) -> str | None:
     if isinstance(reply.result, Failure):
-        return f"{reply.result.kind.value}: {reply.result.message}"
+        return redactor.redact_text(f"{reply.result.kind.value}: {reply.result.message}")
     return None

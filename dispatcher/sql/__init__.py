@@ -322,20 +322,21 @@ class Sql:
         self.dead_letter_fenced = f"""
             WITH f AS (
                 SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::int[],
-                    $5::text[]) AS f(id, token, reason, attempts, error)
+                    $5::text[], $6::text[]) AS f(id, token, reason, attempts, error, payload)
             ),
             moved AS (
                 DELETE FROM {s}.outbox o USING f
                 WHERE o.id = f.id AND o.lease_token = f.token
                 RETURNING o.*, f.reason AS dl_reason, f.attempts AS dl_attempts,
-                    f.error AS dl_error
+                    f.error AS dl_error, f.payload AS dl_payload
             ),
             dl AS (
                 INSERT INTO {s}.dead_letters (outbox_id, event_id, trigger_id, scope,
                     trigger_name, target, registered_by, payload, policy, depth, attempts,
                     reason, errors, event_created_at)
+                -- dl_payload: the payload with secrets redacted, when redaction is on.
                 SELECT id, event_id, trigger_id, scope, trigger_name, target, registered_by,
-                    payload,
+                    coalesce(dl_payload::jsonb, payload),
                     jsonb_build_object('kind', retry_kind, 'base_delay', retry_base_delay,
                         'factor', retry_factor, 'max_delay', retry_max_delay,
                         'jitter', retry_jitter, 'max_attempts', max_attempts,

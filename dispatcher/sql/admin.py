@@ -106,7 +106,7 @@ class AdminSql:
             SELECT d.id, d.trigger_id, d.scope, d.trigger_name, d.policy::text AS policy,
                 t.id IS NOT NULL AS trigger_exists, t.retry_kind, t.retry_base_delay,
                 t.retry_factor, t.retry_max_delay, t.retry_jitter, t.max_attempts,
-                t.max_event_age, t.timeout
+                t.max_event_age, t.timeout, t.park_on
             FROM {s}.dead_letters d
             LEFT JOIN {s}.triggers t ON t.id = d.trigger_id
             WHERE {_FILTER}
@@ -132,10 +132,10 @@ class AdminSql:
             WITH p AS (
                 SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::float8[],
                     $5::float8[], $6::float8[], $7::float8[], $8::int[], $9::float8[],
-                    $10::float8[])
+                    $10::float8[], $11::text[])
                     AS p(dead_letter_id, event_id, retry_kind, retry_base_delay,
                         retry_factor, retry_max_delay, retry_jitter, max_attempts,
-                        max_event_age, timeout)
+                        max_event_age, timeout, park_on)
             ),
             marked AS (
                 UPDATE {s}.dead_letters d
@@ -146,16 +146,18 @@ class AdminSql:
                 RETURNING d.id, p.event_id, d.trigger_id, d.scope, d.trigger_name, d.target,
                     d.registered_by, d.payload, d.depth, p.retry_kind, p.retry_base_delay,
                     p.retry_factor, p.retry_max_delay, p.retry_jitter, p.max_attempts,
-                    p.max_event_age, p.timeout
+                    p.max_event_age, p.timeout,
+                    ARRAY(SELECT jsonb_array_elements_text(p.park_on::jsonb)) AS park_on
             ),
             ins AS (
                 INSERT INTO {s}.outbox (event_id, trigger_id, scope, trigger_name, target,
                     registered_by, payload, depth, retry_kind, retry_base_delay,
                     retry_factor, retry_max_delay, retry_jitter, max_attempts, max_event_age,
-                    timeout)
+                    timeout, park_on)
                 SELECT event_id, trigger_id, scope, trigger_name, target, registered_by,
                     payload, depth, retry_kind, retry_base_delay, retry_factor,
-                    retry_max_delay, retry_jitter, max_attempts, max_event_age, timeout
+                    retry_max_delay, retry_jitter, max_attempts, max_event_age, timeout,
+                    park_on
                 FROM marked
                 ORDER BY id
                 RETURNING event_id
