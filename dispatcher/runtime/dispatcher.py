@@ -11,6 +11,7 @@ shared gate, and settling their outcomes.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -23,7 +24,7 @@ from functools import partial
 
 import anyio
 import asyncpg
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskStatus
 
 from dispatcher.core.errors import InvalidInput
 from dispatcher.core.models import BackoffKind, JsonValue, Mutation, Op, RetryPolicy
@@ -243,16 +244,20 @@ class Dispatcher:
             redactor=self._redactor,
         )
         self._pool: asyncpg.Pool | None = None
-        self._executions: TaskGroup | None = None
+        # Executions are plain asyncio tasks (asyncpg ties the dispatcher to asyncio anyway):
+        # spawning one per row through a task group costs more than a no-op handler.
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._accepting = False
         self._kv_session: _PoolKv | None = None
         self._phase = Phase.STOPPED
         self._running = False
         self._stopping = False
         self._draining = False
         self._wake = anyio.Event()
-        self._progress = anyio.Event()
+        self._progress = asyncio.Event()
+        self._progress_waiting = 0
         self._pending: list[Settlement] = []
-        self._settle_wake = anyio.Event()
+        self._settle_wake = asyncio.Event()
         self._settling = False
         self._claiming = False
         self._in_flight = 0
@@ -279,7 +284,7 @@ class Dispatcher:
 
     async def progressed(self) -> None:
         """Return at the next change in execution or settlement (progress displays, tests)."""
-        await self._progress.wait()
+        await self._wait_progress()
 
     def drain(self) -> None:
         """Stop claiming (in-flight work finishes) but keep running: for an upgrade or a
@@ -307,7 +312,8 @@ class Dispatcher:
         grace period, give back leases of what did not finish, then return from ``run``."""
         self._stopping = True
         self._wake.set()
-        self._progress.set()
+        self._progress_waiting += 1
+        self._notify_progress()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run until :meth:`stop`. Reports started once connected (for ``tg.start``)."""
@@ -338,8 +344,14 @@ class Dispatcher:
                     await self._drain_settlements()
                 services.cancel_scope.cancel()
         finally:
+            # Also reached when run() itself is cancelled (an abort): whatever still runs is
+            # cancelled and gives its lease back, within a bound so a dead database cannot
+            # hold the process forever.
             with anyio.CancelScope(shield=True):
+                await self._cancel_executions()
                 if self._pool is not None:
+                    with anyio.move_on_after(max(self.config.grace_period, 5.0)):
+                        await self._drain_settlements()
                     await self._pool.close()
                 self._pool = None
                 self._kv_session = None
@@ -375,7 +387,7 @@ class Dispatcher:
         (200, {'approved': True})
         """
         _positive("time_limit", time_limit)
-        if self._pool is None or self._executions is None or self._stopping:
+        if self._pool is None or not self._accepting or self._stopping:
             raise NotRunning("invoke() needs a running dispatcher")
         if not self.gate.try_acquire():
             self.stats.gate_saturated += 1
@@ -432,13 +444,20 @@ class Dispatcher:
                     self._dsn,
                     min_size=2,
                     max_size=self.config.pool_size,
-                    server_settings={"application_name": self.config.application_name},
+                    server_settings=self._session_settings(self.config.application_name),
                 )
                 self._kv_session = _PoolKv(self._pool, KvStore(self._emitter))
                 self._db_ok()
                 return
             except DB_ERRORS as exc:
                 delay = await self._db_failed(exc, delay)
+
+    @staticmethod
+    def _session_settings(application_name: str) -> dict[str, str]:
+        # JIT compiling a claim costs far more than running it (hundreds of ms against a
+        # millisecond), and the planner's cost estimates for tiny control tables can cross
+        # jit_above_cost: keep it off for the dispatcher's own sessions.
+        return {"application_name": application_name, "jit": "off"}
 
     def _db_ok(self) -> None:
         if self._consecutive_failures:
@@ -479,93 +498,111 @@ class Dispatcher:
         return self._stopping
 
     def _notify_progress(self) -> None:
-        self._progress.set()
-        self._progress = anyio.Event()
+        # Called per row: only pay for an event when someone waits.
+        if self._progress_waiting:
+            self._progress_waiting = 0
+            self._progress.set()
+            self._progress = asyncio.Event()
 
     async def _poll_loop(self) -> None:
         assert self._pool is not None
         cfg = self.config
         delay = cfg.reconnect_min
-        async with anyio.create_task_group() as executions:
-            self._executions = executions
-            while not self._stopping:
-                if self._draining:
-                    self._phase = Phase.DRAINING
-                    self._wake = anyio.Event()
-                    await self._wake.wait()
-                    continue
-                if self.gate.free == 0:
-                    self._phase = Phase.EXECUTING
-                    await self.gate.wait_free()
-                    continue
-                want = min(cfg.batch_size, self.gate.free)
+        # Claim again once this many permits are free (or nothing runs): one claim of half a
+        # batch instead of many claims of a row or two as executions trickle out.
+        refill = max(1, min(cfg.batch_size, cfg.concurrency) // 2)
+        self._accepting = True
+        while not self._stopping:
+            if self._draining:
+                self._phase = Phase.DRAINING
                 self._wake = anyio.Event()
-                self._phase = Phase.CLAIMING
-                self._claiming = True
-                started = time.perf_counter()
-                try:
-                    records = await self._pool.fetch(
-                        self._sql.claim,
-                        want,
-                        uuid.uuid4(),
-                        self.inbox.inbox_id,
-                        cfg.lease_margin,
-                    )
-                except DB_ERRORS as exc:
-                    self._claiming = False
-                    self._notify_progress()
-                    delay = await self._db_failed(exc, delay)
-                    continue
-                delay = cfg.reconnect_min
-                self._db_ok()
-                self._last_claim_at = datetime.now(UTC)
-                self.stats.claims += 1
-                self.stats.claimed_rows += len(records)
-                self.recorder.claim(time.perf_counter() - started, len(records))
-                for record in records:
-                    row = _row_from_record(record)
-                    if self._is_stopping():
-                        self._submit(row, Release())
-                        continue
-                    if not self.gate.try_acquire():
-                        self.stats.gate_saturated += 1
-                        outcome = route(
-                            row,
-                            Failure(FailureKind.GATE_SATURATED, "execution gate is full"),
-                            self._limits,
-                            self._rng,
-                        )
-                        self._submit(row, outcome)
-                        continue
-                    self._start_execution(row)
+                await self._wake.wait()
+                continue
+            if self.gate.free < refill and self._in_flight:
+                self._phase = Phase.EXECUTING
+                await self.gate.wait_free(refill)
+                continue
+            want = min(cfg.batch_size, self.gate.free)
+            if want == 0:  # permits held by synchronous calls alone
+                await self.gate.wait_free(1)
+                continue
+            self._wake = anyio.Event()
+            self._phase = Phase.CLAIMING
+            self._claiming = True
+            started = time.perf_counter()
+            try:
+                records = await self._pool.fetch(
+                    self._sql.claim,
+                    want,
+                    uuid.uuid4(),
+                    self.inbox.inbox_id,
+                    cfg.lease_margin,
+                )
+            except DB_ERRORS as exc:
                 self._claiming = False
                 self._notify_progress()
-                if len(records) == want and not self._is_stopping():
-                    continue  # a full batch: more is probably due, claim again at once
-                self._phase = Phase.EXECUTING if self._in_flight else Phase.IDLE
-                with anyio.move_on_after(cfg.poll_interval):
-                    await self._wake.wait()
-            self._phase = Phase.STOPPING
-            with anyio.move_on_after(cfg.grace_period):
-                while self._in_flight:
-                    await self._wait_progress()
-            # Past the grace period: cancel what still runs; each gives its lease back.
-            executions.cancel_scope.cancel()
-        self._executions = None
+                delay = await self._db_failed(exc, delay)
+                continue
+            delay = cfg.reconnect_min
+            self._db_ok()
+            self._last_claim_at = datetime.now(UTC)
+            self.stats.claims += 1
+            self.stats.claimed_rows += len(records)
+            self.recorder.claim(time.perf_counter() - started, len(records))
+            for record in records:
+                row = _row_from_record(record)
+                if self._is_stopping():
+                    self._submit(row, Release())
+                    continue
+                if not self.gate.try_acquire():
+                    self.stats.gate_saturated += 1
+                    outcome = route(
+                        row,
+                        Failure(FailureKind.GATE_SATURATED, "execution gate is full"),
+                        self._limits,
+                        self._rng,
+                    )
+                    self._submit(row, outcome)
+                    continue
+                self._start_execution(row)
+            self._claiming = False
+            self._notify_progress()
+            if len(records) == want and not self._is_stopping():
+                continue  # a full batch: more is probably due, claim again at once
+            self._phase = Phase.EXECUTING if self._in_flight else Phase.IDLE
+            with anyio.move_on_after(cfg.poll_interval):
+                await self._wake.wait()
+        self._phase = Phase.STOPPING
+        with anyio.move_on_after(cfg.grace_period):
+            while self._in_flight:
+                await self._wait_progress()
+        # Past the grace period: cancel what still runs; each gives its lease back.
+        await self._cancel_executions()
+
+    async def _cancel_executions(self) -> None:
+        self._accepting = False
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            with anyio.CancelScope(shield=True):
+                await asyncio.gather(*tasks, return_exceptions=True)
 
     def _start_execution(self, row: ClaimedRow) -> None:
         """Run ``row`` under the permit the caller already holds."""
-        assert self._executions is not None
         self._in_flight += 1
-        self._executions.start_soon(self._execute, row)
+        task = asyncio.get_running_loop().create_task(self._execute(row))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _wait_progress(self) -> None:
+        self._progress_waiting += 1
         await self._progress.wait()
 
     async def _execute(self, row: ClaimedRow) -> None:
         try:
             decision: Decision = await self._decide(row)
-        except anyio.get_cancelled_exc_class():
+        except asyncio.CancelledError:
             self._submit(row, Release())
             raise
         finally:
@@ -618,12 +655,13 @@ class Dispatcher:
 
     def _submit(self, row: ClaimedRow, decision: Decision) -> None:
         self._pending.append(Settlement(row, decision))
-        self._settle_wake.set()
+        if not self._settle_wake.is_set():
+            self._settle_wake.set()
 
     async def _settle_loop(self) -> None:
         while True:
             await self._settle_wake.wait()
-            self._settle_wake = anyio.Event()
+            self._settle_wake.clear()
             await self._settle_pending()
 
     async def _settle_pending(self) -> None:
@@ -668,7 +706,9 @@ class Dispatcher:
             try:
                 conn = await asyncpg.connect(
                     self._dsn,
-                    server_settings={"application_name": f"{self.config.application_name}:listen"},
+                    server_settings=self._session_settings(
+                        f"{self.config.application_name}:listen"
+                    ),
                 )
                 lost = anyio.Event()
                 conn.add_termination_listener(partial(_set_event, lost))

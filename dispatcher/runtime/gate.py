@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import anyio
+import asyncio
 
 from dispatcher.core.errors import InvalidInput
 
@@ -24,7 +24,7 @@ class ExecutionGate:
             raise InvalidInput("gate_capacity", capacity, "must be a positive integer")
         self.capacity = capacity
         self._in_use = 0
-        self._freed = anyio.Event()
+        self._freed = asyncio.Event()
         self.saturated = 0  # acquires refused, for metrics
 
     @property
@@ -48,8 +48,8 @@ class ExecutionGate:
         self._in_use -= 1
         self._freed.set()
 
-    async def wait_free(self) -> None:
-        """Return once at least one permit is free."""
-        while self._in_use >= self.capacity:
-            self._freed = anyio.Event()
+    async def wait_free(self, permits: int = 1) -> None:
+        """Return once at least ``permits`` permits are free."""
+        while self.capacity - self._in_use < permits:
+            self._freed = asyncio.Event()
             await self._freed.wait()

@@ -156,19 +156,37 @@ class Sql:
                 WHERE b.trigger_id = c.trigger_id AND c.probe IS NOT NULL
                 RETURNING b.trigger_id
             ),
+            -- Pauses and breakers, folded once per claim into a few small arrays: the
+            -- predicates below then stay plain per-row filters on the index scan, which
+            -- keeps "index range scan, stop after LIMIT rows" as the plan (NOT EXISTS would
+            -- be planned as anti-joins over every due row, then a sort).
+            held AS MATERIALIZED (
+                SELECT
+                    EXISTS (SELECT 1 FROM {s}.pauses
+                            WHERE scope IS NULL AND trigger_id IS NULL) AS everything,
+                    ARRAY(SELECT scope FROM {s}.pauses WHERE scope IS NOT NULL) AS scopes,
+                    ARRAY(SELECT trigger_id FROM {s}.pauses
+                          WHERE trigger_id IS NOT NULL
+                          UNION ALL
+                          SELECT trigger_id FROM {s}.breakers WHERE state <> 'closed')
+                        AS triggers,
+                    ARRAY(SELECT probe_id FROM {s}.breakers
+                          WHERE state = 'half_open' AND probe_id IS NOT NULL) AS probes
+            ),
             due AS MATERIALIZED (
+                -- statement_timestamp() is the database clock and, unlike clock_timestamp(),
+                -- stable, so it can bound the index range scan.
                 SELECT id FROM {s}.outbox o
-                WHERE due_at <= clock_timestamp()
+                WHERE due_at <= statement_timestamp()
                     AND (reply_owner IS NULL OR reply_owner = $3
-                         OR reply_deadline < clock_timestamp())
-                    AND NOT EXISTS (
-                        SELECT 1 FROM {s}.pauses p
-                        WHERE (p.scope IS NULL OR p.scope = o.scope)
-                            AND (p.trigger_id IS NULL OR p.trigger_id = o.trigger_id))
-                    AND NOT EXISTS (
-                        SELECT 1 FROM {s}.breakers b
-                        WHERE b.trigger_id = o.trigger_id AND b.state <> 'closed'
-                            AND b.probe_id IS DISTINCT FROM o.id)
+                         OR reply_deadline < statement_timestamp())
+                    AND NOT (SELECT everything FROM held)
+                    -- "|| ''" and "+ 0" hide the columns' statistics from the planner: with
+                    -- one dominant scope or trigger, "<> ALL (…)" would be estimated to
+                    -- match almost nothing, and it would seq-scan and sort every due row.
+                    AND (o.scope || '') <> ALL ((SELECT scopes FROM held)::text[])
+                    AND ((o.trigger_id + 0) <> ALL ((SELECT triggers FROM held)::bigint[])
+                         OR o.id = ANY ((SELECT probes FROM held)::bigint[]))
                 ORDER BY due_at
                 LIMIT $1
                 FOR UPDATE SKIP LOCKED
