@@ -144,6 +144,38 @@ class NotRunning(RuntimeError):
     """The operation needs a running dispatcher (``run`` or ``run_until_idle``)."""
 
 
+_POLICIES: dict[tuple[object, ...], RetryPolicy] = {}
+
+
+def _policy(r: asyncpg.Record) -> RetryPolicy:
+    # Rows of one trigger share one snapshot: validate it once, not once per row.
+    key = (
+        r["retry_kind"],
+        r["retry_base_delay"],
+        r["retry_factor"],
+        r["retry_max_delay"],
+        r["retry_jitter"],
+        r["max_attempts"],
+        r["max_event_age"],
+        tuple(r["park_on"]),
+    )
+    policy = _POLICIES.get(key)
+    if policy is None:
+        if len(_POLICIES) > 10_000:
+            _POLICIES.clear()
+        policy = _POLICIES[key] = RetryPolicy(
+            kind=BackoffKind(r["retry_kind"]),
+            base_delay=r["retry_base_delay"],
+            factor=r["retry_factor"],
+            max_delay=r["retry_max_delay"],
+            jitter=r["retry_jitter"],
+            max_attempts=r["max_attempts"],
+            max_event_age=r["max_event_age"],
+            park_on=frozenset(r["park_on"]),
+        )
+    return policy
+
+
 def _row_from_record(r: asyncpg.Record) -> ClaimedRow:
     return ClaimedRow(
         id=r["id"],
@@ -160,16 +192,7 @@ def _row_from_record(r: asyncpg.Record) -> ClaimedRow:
         depth=r["depth"],
         reply_to=r["reply_to"],
         dead_letter_id=r["dead_letter_id"],
-        policy=RetryPolicy(
-            kind=BackoffKind(r["retry_kind"]),
-            base_delay=r["retry_base_delay"],
-            factor=r["retry_factor"],
-            max_delay=r["retry_max_delay"],
-            jitter=r["retry_jitter"],
-            max_attempts=r["max_attempts"],
-            max_event_age=r["max_event_age"],
-            park_on=frozenset(r["park_on"]),
-        ),
+        policy=_policy(r),
         timeout=r["timeout"],
         age=r["age"],
     )
@@ -640,16 +663,17 @@ class Dispatcher:
             )
         assert self._kv_session is not None
         payload = row.payload if isinstance(row.payload, dict) else {"value": row.payload}
+        key = row.idempotency_key
         ctx = HandlerContext(
             event=payload,
             principal=principal,
             attempt=row.attempts + 1,
-            idempotency_key=row.idempotency_key,
+            idempotency_key=key,
             scope=row.scope,
             trigger_name=row.trigger_name,
             trigger_id=row.trigger_id,
             depth=row.depth,
-            kv=KvHandle(self._kv_session, row.scope, row.depth, row.idempotency_key),
+            kv=KvHandle(self._kv_session, row.scope, row.depth, key),
         )
         return await self._executor.execute(row.target, ctx, row.timeout)
 

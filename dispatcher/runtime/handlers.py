@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import heapq
 import inspect
 import threading
 import traceback
@@ -231,32 +233,95 @@ class HandlerRegistry:
             return _classify(exc)
 
 
+class _Watch:
+    __slots__ = ("done", "expired", "task")
+
+    def __init__(self, task: asyncio.Task[object]) -> None:
+        self.task = task
+        self.done = False
+        self.expired = False
+
+
+class _Deadlines:
+    """Timeouts for many short executions with one timer task per event loop.
+
+    ``asyncio.timeout`` schedules and cancels a timer handle per call, which costs more
+    than a no-op handler; here an execution pushes (deadline, watch) on a heap and a
+    single watchdog cancels the overdue ones.
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, _Watch]] = []
+        self._seq = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def watch(self, time_limit: float) -> _Watch:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        if self._loop is not loop or self._task is None or self._task.done():
+            self._loop = loop
+            self._heap.clear()
+            self._wake = asyncio.Event()
+            self._task = loop.create_task(self._run())
+        w = _Watch(task)
+        deadline = loop.time() + time_limit
+        self._seq += 1
+        earliest = self._heap[0][0] if self._heap else None
+        heapq.heappush(self._heap, (deadline, self._seq, w))
+        if earliest is None or deadline < earliest:
+            self._wake.set()
+        return w
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        heap = self._heap
+        while True:
+            now = loop.time()
+            while heap and (heap[0][2].done or heap[0][0] <= now):
+                _, _, w = heapq.heappop(heap)
+                if not w.done:
+                    w.expired = True
+                    w.task.cancel("dispatcher: handler time limit")
+            self._wake.clear()
+            if not heap:
+                await self._wake.wait()
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(heap[0][0] - now):
+                    await self._wake.wait()
+
+
+_DEADLINES = _Deadlines()
+
+
 async def _run_async(
     fn: Callable[[HandlerContext], object], ctx: HandlerContext, time_limit: float
 ) -> ExecutionResult:
-    # asyncio.timeout rather than an anyio cancel scope: this runs once per row, and the
-    # dispatcher is asyncio-only anyway (asyncpg).
-    deadline = asyncio.timeout(time_limit)
+    w = _DEADLINES.watch(time_limit)
     try:
-        async with deadline:
-            pending = fn(ctx)
-            if not inspect.isawaitable(pending):
-                raise TypeError(
-                    f"async handler returned {type(pending).__name__}, not an awaitable"
-                )
-            value = await pending
-        return Success(sanitize_json(value))
-    except TimeoutError as exc:
-        if deadline.expired():
-            return Failure(FailureKind.TIMEOUT, f"handler exceeded {time_limit:g}s")
-        return _classify(exc)
+        pending = fn(ctx)
+        if not inspect.isawaitable(pending):
+            raise TypeError(f"async handler returned {type(pending).__name__}, not an awaitable")
+        value = await pending
     except asyncio.CancelledError as exc:
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
+        if w.expired:
+            # Ours: undo the cancellation request and report the timeout.
+            w.task.uncancel()
+            return Failure(FailureKind.TIMEOUT, f"handler exceeded {time_limit:g}s")
+        if w.task.cancelling():
             raise  # a real cancellation from outside (shutdown): let it through
         return _classify(exc)  # the handler raised CancelledError itself
     except BaseException as exc:  # a handler must never take the loop down
         return _classify(exc)
+    finally:
+        w.done = True
+    if w.expired:
+        # Finished in the same step the deadline fired: the pending cancel is ours.
+        w.task.uncancel()
+    return Success(sanitize_json(value))
 
 
 def _classify(exc: BaseException) -> Failure:
