@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from dispatcher.core.errors import InvalidInput, LimitExceeded
 from dispatcher.core.models import Mutation
+from dispatcher.core.patterns import key_prefixes
 from dispatcher.db import Connection
 from dispatcher.schema import DEFAULT_SCHEMA
 from dispatcher.sql import queries
@@ -83,7 +84,33 @@ class Emitter:
 
     async def emit(self, conn: Connection, mutation: Mutation) -> list[Enqueued]:
         """Enqueue one row per matching enabled trigger of the mutation's scope."""
-        return await self.emit_many(conn, [mutation])
+        if not isinstance(mutation, Mutation):
+            raise InvalidInput("mutation", mutation, "must be a dispatcher.Mutation")
+        payload = encode_event(mutation, max_bytes=self.max_payload_bytes)
+        row = await conn.fetchrow(
+            queries(self.schema).emit_one,
+            mutation.event_id,
+            mutation.scope,
+            mutation.namespace,
+            mutation.key,
+            mutation.op.value,
+            payload,
+            mutation.depth,
+            self.max_fanout,
+            key_prefixes(mutation.key),
+        )
+        assert row is not None  # an aggregate query always returns one row
+        if row["matched"] > self.max_fanout:
+            raise LimitExceeded(
+                f"triggers matching {mutation.scope}/{mutation.namespace}/{mutation.key}",
+                int(row["matched"]),
+                self.max_fanout,
+                "max_fanout",
+            )
+        return [
+            Enqueued(outbox_id=i, event_id=mutation.event_id, trigger_id=t)
+            for i, t in zip(row["ids"], row["trigger_ids"], strict=True)
+        ]
 
     async def emit_many(self, conn: Connection, mutations: Sequence[Mutation]) -> list[Enqueued]:
         """Enqueue for many mutations in one statement; all or nothing.

@@ -527,6 +527,42 @@ class Sql:
             WHERE trigger_id = $1
             RETURNING trigger_id"""
 
+        # The single-mutation form of emit: no arrays to unnest, the key's prefixes passed
+        # in ($9), the same matching and the same all-or-nothing fan-out cap.
+        self.emit_one = f"""
+            WITH m AS MATERIALIZED (
+                SELECT t.id AS trigger_id, t.name AS trigger_name, t.target, t.registered_by,
+                    {_T_POLICY}
+                FROM {s}.triggers t
+                WHERE t.scope = $2
+                    AND t.namespace = $3
+                    AND t.match_prefix = ANY ($9::text[])
+                    AND t.enabled
+                    AND NOT t.is_dead_letter_handler
+                    AND $5::text = ANY (t.ops)
+                    AND CASE t.pattern_kind
+                        WHEN 'exact' THEN t.match_prefix = $4
+                        WHEN 'prefix' THEN true
+                        ELSE $4 LIKE t.match_like ESCAPE '\\'
+                    END
+                LIMIT $8 + 1
+            ),
+            ins AS (
+                INSERT INTO {s}.outbox (event_id, payload, depth, {_SNAPSHOT})
+                SELECT $1, $6::jsonb, $7, trigger_id, $2, trigger_name, target, registered_by,
+                    {_POLICY}
+                FROM m WHERE (SELECT count(*) FROM m) <= $8
+                ORDER BY trigger_id
+                ON CONFLICT (event_id, trigger_id) DO NOTHING
+                RETURNING id, trigger_id
+            )
+            SELECT (SELECT count(*) FROM m) AS matched,
+                ARRAY(SELECT id FROM ins ORDER BY id) AS ids,
+                ARRAY(SELECT trigger_id FROM ins ORDER BY id) AS trigger_ids,
+                (SELECT count(*) FROM (
+                    SELECT pg_notify('{self.channel}', '') FROM ins LIMIT 1) AS w) AS notified
+            """
+
         # --- reference KV ---
         self.kv_get = f"""
             SELECT value, version FROM {s}.kv WHERE scope = $1 AND namespace = $2 AND key = $3"""
