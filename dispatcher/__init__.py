@@ -11,6 +11,14 @@
 
 from __future__ import annotations
 
+from dispatcher.admin import (
+    Admin,
+    DeadLetterFilter,
+    DeadLetterNotFound,
+    ReplayReport,
+    StatusReport,
+    parse_duration,
+)
 from dispatcher.core.errors import (
     DispatcherError,
     InvalidInput,
@@ -28,6 +36,7 @@ from dispatcher.core.outcomes import (
 )
 from dispatcher.core.routing import HTTP_STATUS
 from dispatcher.emit import Emitter, Enqueued, emit, emit_many
+from dispatcher.flow import FlowControl
 from dispatcher.kv import KvEntry, KvStore, KvWrite
 from dispatcher.migrate import current_revision, migrate
 from dispatcher.runtime.dispatcher import (
@@ -60,7 +69,10 @@ from dispatcher.triggers import TriggerRegistry
 __all__ = [
     "DEFAULT_SCHEMA",
     "HTTP_STATUS",
+    "Admin",
     "BackoffKind",
+    "DeadLetterFilter",
+    "DeadLetterNotFound",
     "DeadLetterReason",
     "Dispatcher",
     "DispatcherConfig",
@@ -71,6 +83,7 @@ __all__ = [
     "Executor",
     "Failure",
     "FailureKind",
+    "FlowControl",
     "HandlerContext",
     "HandlerRegistry",
     "InvalidInput",
@@ -93,9 +106,11 @@ __all__ = [
     "PrincipalResolver",
     "RateLimited",
     "RegisteredByResolver",
+    "ReplayReport",
     "Resolution",
     "RetryPolicy",
     "Stats",
+    "StatusReport",
     "StatusSnapshot",
     "Success",
     "Trigger",
@@ -106,4 +121,5 @@ __all__ = [
     "emit",
     "emit_many",
     "migrate",
+    "parse_duration",
 ]

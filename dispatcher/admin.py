@@ -31,6 +31,7 @@ from dispatcher.core.errors import DispatcherError, InvalidInput
 from dispatcher.core.models import BackoffKind, JsonValue, RetryPolicy, check_name
 from dispatcher.core.outcomes import DeadLetterReason, Resolution
 from dispatcher.db import Connection
+from dispatcher.flow import Breaker, Pause
 from dispatcher.schema import DEFAULT_SCHEMA, check_schema_name
 from dispatcher.sql.admin import ACTIONABLE, FILTER_PARAMS, FINAL, admin_queries
 
@@ -228,7 +229,8 @@ class DeadLetterDetail:
 
     ``policy`` is the retry policy snapshot taken when the event was enqueued, as stored
     (keys ``kind``, ``base_delay``, ``factor``, ``max_delay``, ``jitter``, ``max_attempts``,
-    ``max_event_age``, ``timeout``). For a replayed letter, ``replay_pending`` says whether
+    ``max_event_age``, ``park_on``, ``timeout``; snapshots older than parking lack
+    ``park_on``). For a replayed letter, ``replay_pending`` says whether
     the new event still waits in the outbox and ``replay_dead_letter_id`` names the dead
     letter it became if it failed again.
     """
@@ -294,27 +296,33 @@ class ReplayReport:
 
 @dataclass(frozen=True, slots=True)
 class OutboxCounts:
-    """Outbox rows by state, and how long the oldest due row has waited (seconds)."""
+    """Outbox rows by state, and how long the oldest due row has waited (seconds).
+
+    The states partition the outbox: ``parked`` rows (waiting for an operator or a sibling's
+    success, see :class:`dispatcher.flow.FlowControl`) are in no other count.
+    """
 
     due_now: int
     scheduled: int
     leased: int
+    parked: int
     oldest_due_seconds: float | None
 
     @property
     def total(self) -> int:
-        return self.due_now + self.scheduled + self.leased
+        return self.due_now + self.scheduled + self.leased + self.parked
 
 
 @dataclass(frozen=True, slots=True)
 class TriggerBacklog:
-    """Outbox rows waiting for one trigger."""
+    """Outbox rows waiting for one trigger (``total`` includes the ``parked`` ones)."""
 
     trigger_id: int
     scope: str
     trigger_name: str
     total: int
     due_now: int
+    parked: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,7 +331,10 @@ class StatusReport:
 
     ``dead_letters_by_resolution`` has every resolution (zero when none);
     ``unresolved_by_reason`` counts the letters still needing action (open or
-    handler_failed) by why they died, zeros left out.
+    handler_failed) by why they died, zeros left out. ``pauses`` are the active pauses,
+    oldest first (a pause with neither scope nor trigger holds everything); ``breakers``
+    are the circuit breakers open, half-open or counting failures, most recently changed
+    first (as :meth:`dispatcher.flow.FlowControl.pauses` and ``breakers`` list them).
     """
 
     at: datetime
@@ -332,6 +343,8 @@ class StatusReport:
     unresolved_by_reason: Mapping[DeadLetterReason, int]
     top_backlog: tuple[TriggerBacklog, ...]
     abandoned_executions: int
+    pauses: tuple[Pause, ...]
+    breakers: tuple[Breaker, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -553,11 +566,14 @@ class Admin:
         return int(count)
 
     async def status(self, conn: Connection) -> StatusReport:
-        """Backlog, lag, dead letters and abandoned executions, from one snapshot.
+        """Backlog, lag, parked rows, dead letters, abandoned executions, pauses and
+        breakers, from one snapshot.
 
         >>> report = await Admin().status(conn)
         >>> report.outbox.oldest_due_seconds
         0.42
+        >>> [p.target for p in report.pauses]
+        ['scope acme']
         """
         r = await conn.fetchrow(admin_queries(self.schema).status, TOP_BACKLOG)
         assert r is not None  # FROM c, ob: always exactly one row
@@ -570,6 +586,7 @@ class Admin:
                 due_now=r["due_now"],
                 scheduled=r["scheduled"],
                 leased=r["leased"],
+                parked=r["parked"],
                 oldest_due_seconds=r["oldest_due_seconds"],
             ),
             dead_letters_by_resolution=by_resolution,
@@ -578,17 +595,22 @@ class Admin:
                 for name, n in zip(r["reasons"], r["reason_counts"], strict=True)
             },
             top_backlog=tuple(
-                TriggerBacklog(trigger_id=t, scope=s, trigger_name=n, total=total, due_now=due)
-                for t, s, n, total, due in zip(
+                TriggerBacklog(
+                    trigger_id=t, scope=s, trigger_name=n, total=total, due_now=due, parked=pk
+                )
+                for t, s, n, total, due, pk in zip(
                     r["top_trigger_ids"],
                     r["top_scopes"],
                     r["top_names"],
                     r["top_totals"],
                     r["top_due"],
+                    r["top_parked"],
                     strict=True,
                 )
             ),
             abandoned_executions=r["abandoned"],
+            pauses=tuple(Pause(*p) for p in r["pauses"]),
+            breakers=tuple(Breaker(*b) for b in r["breakers"]),
         )
 
     async def list_abandoned(

@@ -122,6 +122,23 @@ def _load_object(spec: str) -> object:
 @click.option("--grace-period", default=10.0, show_default=True, help="Seconds to finish work.")
 @click.option("--max-depth", default=8, show_default=True, help="Trigger depth limit.")
 @click.option("--no-listen", is_flag=True, help="Poll only; do not LISTEN for wake-ups.")
+@click.option(
+    "--breaker-threshold",
+    default=3,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Consecutive failures that open a trigger's circuit breaker (0: no breakers).",
+)
+@click.option(
+    "--breaker-cooldown", default=60.0, show_default=True, help="Seconds a breaker stays open."
+)
+@click.option(
+    "--max-executions-per-root",
+    default=10_000,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Rows handler writes of one root event may enqueue (0: no limit).",
+)
 @click.option("--application-name", default="dispatcher", show_default=True)
 @click.option(
     "--metrics-port",
@@ -144,6 +161,9 @@ def run(
     grace_period: float,
     max_depth: int,
     no_listen: bool,
+    breaker_threshold: int,
+    breaker_cooldown: float,
+    max_executions_per_root: int,
     application_name: str,
     metrics_port: int | None,
     metrics_host: str,
@@ -168,6 +188,9 @@ def run(
             grace_period=grace_period,
             max_trigger_depth=max_depth,
             listen=not no_listen,
+            breaker_threshold=breaker_threshold,
+            breaker_cooldown=breaker_cooldown,
+            max_executions_per_root=max_executions_per_root or None,
             application_name=application_name,
         )
     except DispatcherError as exc:

@@ -1,6 +1,8 @@
-"""Operator commands of the ``dispatcher`` CLI: status, triggers, dead-letters, abandoned.
+"""Operator commands of the ``dispatcher`` CLI: status, triggers, dead-letters, abandoned,
+and flow control (pause, resume, parked, breakers).
 
-A thin layer over :mod:`dispatcher.admin` and :class:`dispatcher.triggers.TriggerRegistry`:
+A thin layer over :mod:`dispatcher.admin`, :class:`dispatcher.flow.FlowControl` and
+:class:`dispatcher.triggers.TriggerRegistry`:
 parse options, call the API on one connection, print a table (or JSON with ``--json``).
 Expected failures become one ``Error: …`` line and exit status 1, through ``_run`` of
 :mod:`dispatcher.cli`.
@@ -11,19 +13,21 @@ runs as ``__main__`` and a top-level import here would load it a second time whi
 is half-initialised. Its helpers are imported when a command runs instead.
 
 >>> from dispatcher.cli_admin import register
->>> register(main)  # adds: status, triggers, dead-letters, abandoned
+>>> register(main)  # adds: status, triggers, dead-letters, abandoned, pause, resume, parked,
+...                 # breakers
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from enum import Enum
-from typing import TypeVar
+from typing import TypeAlias, TypeVar
 
 import asyncpg
 import click
@@ -40,15 +44,20 @@ from dispatcher.admin import (
     StatusReport,
     parse_duration,
 )
-from dispatcher.core.errors import DispatcherError, InvalidInput
-from dispatcher.core.models import BackoffKind, JsonValue, RetryPolicy, Trigger
+from dispatcher.core.errors import DispatcherError, InvalidInput, TriggerNotFound
+from dispatcher.core.models import PARKABLE_KINDS, BackoffKind, JsonValue, RetryPolicy, Trigger
 from dispatcher.core.outcomes import DeadLetterReason, Resolution
 from dispatcher.db import Connection
+from dispatcher.flow import MAX_UNPARK_BATCH, Breaker, FlowControl, ParkedRow, Pause
 from dispatcher.schema import DEFAULT_SCHEMA
 from dispatcher.triggers import DEFAULT_TIMEOUT, TriggerRegistry
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., None])
+# A trigger named on the command line: its id, or (scope, name).
+TriggerRef: TypeAlias = int | tuple[str, str]
+
+_BIGINT_MAX = 2**63 - 1
 
 
 def register(main: click.Group) -> None:
@@ -56,7 +65,7 @@ def register(main: click.Group) -> None:
 
     >>> register(main)
     """
-    for command in (status, triggers, dead_letters, abandoned):
+    for command in (status, triggers, dead_letters, abandoned, pause, resume, parked, breakers):
         main.add_command(command)
 
 
@@ -220,7 +229,8 @@ def _moment(
 @_connection_options
 @_json_option
 def status(dsn: str | None, schema: str, as_json: bool) -> None:
-    """Outbox backlog and lag, dead letters, abandoned executions."""
+    """Outbox backlog and lag, parked rows, dead letters, abandoned executions, pauses and
+    circuit breakers."""
     report = _call(dsn, lambda conn: Admin(schema).status(conn))
     if as_json:
         _print_json(report)
@@ -237,6 +247,7 @@ def _print_status(report: StatusReport) -> None:
         ("due now", o.due_now),
         ("scheduled later", o.scheduled),
         ("in lease", o.leased),
+        ("parked", o.parked),
         ("total", o.total),
     ):
         outbox.add_row(label, str(n))
@@ -255,12 +266,53 @@ def _print_status(report: StatusReport) -> None:
         parts += [reasons, ""]
 
     if report.top_backlog:
-        top = _table("trigger id", "scope", "trigger", "backlog", "due now")
+        top = _table("trigger id", "scope", "trigger", "backlog", "due now", "parked")
         for t in report.top_backlog:
-            top.add_row(str(t.trigger_id), t.scope, t.trigger_name, str(t.total), str(t.due_now))
+            top.add_row(
+                str(t.trigger_id),
+                t.scope,
+                t.trigger_name,
+                str(t.total),
+                str(t.due_now),
+                str(t.parked),
+            )
         parts += ["Top backlog", "", top, ""]
-    parts.append(f"abandoned executions: {report.abandoned_executions}")
+    parts += [f"abandoned executions: {report.abandoned_executions}", ""]
+
+    if report.pauses:
+        parts += ["Paused", "", _pauses_table(report.pauses), ""]
+    else:
+        parts += ["paused: nothing", ""]
+    if report.breakers:
+        parts += ["Circuit breakers", "", _breakers_table(report.breakers)]
+    else:
+        parts.append("circuit breakers: all closed")
     _show(*parts)
+
+
+def _pauses_table(pauses: Sequence[Pause]) -> Table:
+    table = _table("paused", "since", "note")
+    for p in pauses:
+        table.add_row(p.target, _when(p.paused_at), _opt(p.note))
+    return table
+
+
+def _breakers_table(found: Sequence[Breaker]) -> Table:
+    table = _table(
+        "trigger id", "scope", "trigger", "state", "failures", "open until", "opened", "updated"
+    )
+    for b in found:
+        table.add_row(
+            str(b.trigger_id),
+            _opt(b.scope),
+            _opt(b.trigger_name),
+            b.state,
+            str(b.failures),
+            _when(b.open_until),
+            f"{b.opened_count}x",
+            _when(b.updated_at),
+        )
+    return table
 
 
 # --- triggers ---
@@ -304,9 +356,10 @@ def triggers_list(dsn: str | None, schema: str, scope: str | None, as_json: bool
 
 def _retry_summary(p: RetryPolicy) -> str:
     age = "" if p.max_event_age is None else f" age<={p.max_event_age:g}s"
+    park = "" if not p.park_on else f" park_on={','.join(sorted(p.park_on))}"
     return (
         f"{p.kind.value} x{p.max_attempts} base={p.base_delay:g}s factor={p.factor:g} "
-        f"max={p.max_delay:g}s jitter={p.jitter:g}{age}"
+        f"max={p.max_delay:g}s jitter={p.jitter:g}{age}{park}"
     )
 
 
@@ -333,7 +386,20 @@ def _retry_summary(p: RetryPolicy) -> str:
 @click.option("--max-delay", type=float, help="Cap on any delay, in seconds.")
 @click.option("--jitter", type=float, help="Spread ratio in [0, 1].")
 @click.option("--max-attempts", type=int, help="Attempts before the event is dead-lettered.")
-@click.option("--max-event-age", type=float, help="Give up after this many seconds in total.")
+@click.option(
+    "--max-event-age",
+    type=float,
+    metavar="SECONDS",
+    help="Dead-letter (reason expired) an event older than this, even with attempts left.",
+)
+@click.option(
+    "--park-on",
+    multiple=True,
+    type=click.Choice(sorted(PARKABLE_KINDS)),
+    metavar="KIND",
+    help=f"Park, not dead-letter, on this failure kind ({', '.join(sorted(PARKABLE_KINDS))}); "
+    "repeatable. Parked rows wait for `dispatcher parked unpark` or a success of the trigger.",
+)
 @click.option(
     "--timeout", type=float, default=DEFAULT_TIMEOUT, show_default=True, help="Seconds per run."
 )
@@ -361,6 +427,7 @@ def triggers_add(
     jitter: float | None,
     max_attempts: int | None,
     max_event_age: float | None,
+    park_on: tuple[str, ...],
     timeout: float,
     dead_letter_handler: bool,
     disabled: bool,
@@ -379,6 +446,7 @@ def triggers_add(
             jitter=d.jitter if jitter is None else jitter,
             max_attempts=d.max_attempts if max_attempts is None else max_attempts,
             max_event_age=max_event_age,
+            park_on=frozenset(park_on),
         )
         return await TriggerRegistry(schema).register(
             conn,
@@ -800,3 +868,266 @@ def abandoned_list(
             _clip(detail),
         )
     _show(table, "", f"{len(found)} abandoned execution(s)")
+
+
+# --- flow control ---
+
+_TRIGGER_ID = re.compile(r"[0-9]+")
+
+
+def _trigger_ref(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> TriggerRef | None:
+    """Option callback: a trigger id, or SCOPE/NAME (split at the first ``/``)."""
+    if value is None:
+        return None
+    text = value.strip()
+    if _TRIGGER_ID.fullmatch(text):
+        number = int(text)
+        if 1 <= number <= _BIGINT_MAX:
+            return number
+    else:
+        scope, _, name = text.partition("/")
+        if scope and name:
+            return scope, name
+    raise click.BadParameter(
+        f"{value!r}: expected a trigger id (e.g. 7) or SCOPE/NAME (e.g. acme/welcome)", ctx, param
+    )
+
+
+def _trigger_option(help: str) -> Callable[[F], F]:
+    return click.option("--trigger", callback=_trigger_ref, metavar="ID|SCOPE/NAME", help=help)
+
+
+async def _trigger_id(conn: Connection, schema: str, ref: TriggerRef) -> int:
+    """The id of a trigger named by id (taken as it is: a deleted trigger may still have
+    pauses, parked rows or a breaker) or by scope and name (looked up)."""
+    if isinstance(ref, int):
+        return ref
+    scope, name = ref
+    return (await TriggerRegistry(schema).get_by_name(conn, scope, name)).id
+
+
+def _one_target(scope: str | None, trigger: TriggerRef | None, everything: bool) -> None:
+    given = [
+        option
+        for option, value in (("--scope", scope), ("--trigger", trigger), ("--all", everything))
+        if value is not None and value is not False
+    ]
+    if len(given) != 1:
+        got = f" (got {' and '.join(given)})" if given else ""
+        raise click.UsageError(f"give exactly one of --scope, --trigger or --all{got}")
+
+
+async def _target_text(
+    conn: Connection, schema: str, scope: str | None, trigger_id: int | None, ref: TriggerRef | None
+) -> str:
+    """What a command acted on, worded as :attr:`dispatcher.flow.Pause.target` words it."""
+    if trigger_id is not None:
+        if isinstance(ref, tuple):
+            return f"trigger {trigger_id} ({ref[1]})"
+        try:
+            name = (await TriggerRegistry(schema).get(conn, trigger_id)).name
+        except TriggerNotFound:  # deleted: its pause or breaker may outlive it
+            return f"trigger {trigger_id}"
+        return f"trigger {trigger_id} ({name})"
+    if scope is not None:
+        return f"scope {scope}"
+    return "everything"
+
+
+@click.command()
+@_connection_options
+@click.option("--scope", help="Pause every trigger of this scope.")
+@_trigger_option("Pause this trigger.")
+@click.option("--all", "everything", is_flag=True, help="Pause everything: every scope.")
+@click.option("--note", help="Why (shown by `dispatcher status`).")
+def pause(
+    dsn: str | None,
+    schema: str,
+    scope: str | None,
+    trigger: TriggerRef | None,
+    everything: bool,
+    note: str | None,
+) -> None:
+    """Stop claiming the rows of a trigger, a scope, or everything, in every dispatcher.
+
+    Rows keep accumulating and nothing is dropped; in-flight executions finish. Pausing what
+    is already paused replaces its note.
+    """
+    _one_target(scope, trigger, everything)
+
+    async def go(conn: Connection) -> Pause:
+        tid = None if trigger is None else await _trigger_id(conn, schema, trigger)
+        return await FlowControl(schema).pause(
+            conn, scope=scope, trigger_id=tid, everything=everything, note=note
+        )
+
+    p = _call(dsn, go)
+    click.echo(f"paused {p.target}" + ("" if p.note is None else f"; note: {p.note}"))
+
+
+@click.command()
+@_connection_options
+@click.option("--scope", help="Lift the pause of this scope.")
+@_trigger_option("Lift the pause of this trigger.")
+@click.option(
+    "--all", "everything", is_flag=True, help="Lift the pause of everything (only that one)."
+)
+def resume(
+    dsn: str | None, schema: str, scope: str | None, trigger: TriggerRef | None, everything: bool
+) -> None:
+    """Lift exactly one pause: a trigger's, a scope's, or the pause of everything.
+
+    Other pauses stay (`dispatcher status` lists them). Dispatchers are woken at once.
+    """
+    _one_target(scope, trigger, everything)
+
+    async def go(conn: Connection) -> str:
+        flow = FlowControl(schema)
+        tid = None if trigger is None else await _trigger_id(conn, schema, trigger)
+        target = await _target_text(conn, schema, scope, tid, trigger)
+        if await flow.resume(conn, scope=scope, trigger_id=tid, everything=everything):
+            return target
+        active = [p.target for p in await flow.pauses(conn)]
+        now = f"paused now: {', '.join(active)}" if active else "nothing is paused"
+        raise DispatcherError(f"{target} is not paused ({now})")
+
+    click.echo(f"resumed {_call(dsn, go)}")
+
+
+@click.group()
+def parked() -> None:
+    """Rows parked on a failure an operator can clear (a missing permission, a target not
+    deployed yet): list them, un-park them."""
+
+
+@parked.command("list")
+@_connection_options
+@_trigger_option("Only this trigger's rows.")
+@click.option("--scope", help="Only this scope's rows.")
+@click.option("--limit", type=click.IntRange(1, MAX_UNPARK_BATCH), default=100, show_default=True)
+@_json_option
+def parked_list(
+    dsn: str | None,
+    schema: str,
+    trigger: TriggerRef | None,
+    scope: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """List parked rows, oldest first."""
+
+    async def go(conn: Connection) -> list[ParkedRow]:
+        tid = None if trigger is None else await _trigger_id(conn, schema, trigger)
+        return await FlowControl(schema).parked(conn, trigger_id=tid, scope=scope, limit=limit)
+
+    found = _call(dsn, go)
+    if as_json:
+        _print_json(found)
+        return
+    table = _table(
+        "id", "scope", "trigger id", "trigger", "reason", "attempts", "parked at", "event",
+        "last error",
+    )  # fmt: skip
+    for r in found:
+        table.add_row(
+            str(r.id),
+            r.scope,
+            str(r.trigger_id),
+            r.trigger_name,
+            _opt(r.reason),
+            str(r.attempts),
+            _when(r.parked_at),
+            r.event_id,
+            _clip(_error_message(r.last_error)),
+        )
+    more = " (the --limit: there may be more)" if len(found) == limit else ""
+    _show(table, "", f"{len(found)} parked row(s){more}")
+
+
+def _error_message(entry: JsonValue) -> str | None:
+    if entry is None:
+        return None
+    if isinstance(entry, Mapping) and isinstance(entry.get("message"), str):
+        return str(entry["message"])
+    return entry if isinstance(entry, str) else json.dumps(entry, ensure_ascii=False)
+
+
+@parked.command("unpark")
+@_connection_options
+@_trigger_option("Un-park this trigger's rows.")
+@click.option("--scope", help="Un-park this scope's rows.")
+@click.option("--all", "everything", is_flag=True, help="Un-park any trigger's rows.")
+@click.option(
+    "--limit",
+    type=click.IntRange(1, MAX_UNPARK_BATCH),
+    default=1000,
+    show_default=True,
+    help="Un-park at most this many (oldest first); run again for more.",
+)
+@_dry_run_option
+def parked_unpark(
+    dsn: str | None,
+    schema: str,
+    trigger: TriggerRef | None,
+    scope: str | None,
+    everything: bool,
+    limit: int,
+    dry_run: bool,
+) -> None:
+    """Make parked rows due now again, attempts kept. Clear the cause first (grant the
+    permission, deploy the target): a row that fails the same way parks again."""
+    _one_target(scope, trigger, everything)
+
+    async def go(conn: Connection) -> int:
+        tid = None if trigger is None else await _trigger_id(conn, schema, trigger)
+        return await FlowControl(schema).unpark(
+            conn, trigger_id=tid, scope=scope, limit=limit, dry_run=dry_run
+        )
+
+    n = _call(dsn, go)
+    more = " (the --limit: run again for more)" if n == limit else ""
+    click.echo(
+        f"dry run: would un-park {n} parked row(s){more}" if dry_run else f"un-parked {n}{more}"
+    )
+
+
+@click.group()
+def breakers() -> None:
+    """Circuit breakers: which are open, half-open or counting failures; reset one."""
+
+
+@breakers.command("list")
+@_connection_options
+@_json_option
+def breakers_list(dsn: str | None, schema: str, as_json: bool) -> None:
+    """List the breakers that are open, half-open or counting failures."""
+    found = _call(dsn, lambda conn: FlowControl(schema).breakers(conn))
+    if as_json:
+        _print_json(found)
+        return
+    if not found:
+        click.echo("all breakers closed, no failures counted")
+        return
+    _show(_breakers_table(found), "", f"{len(found)} breaker(s) not closed or counting failures")
+
+
+@breakers.command("reset")
+@_connection_options
+@click.argument("trigger", metavar="TRIGGER_ID", callback=_trigger_ref)
+def breakers_reset(dsn: str | None, schema: str, trigger: TriggerRef) -> None:
+    """Close the breaker of TRIGGER_ID (an id or SCOPE/NAME) by hand, failures cleared.
+
+    Rows it held become claimable at their due time; if the target still fails, the breaker
+    opens again.
+    """
+
+    async def go(conn: Connection) -> str:
+        tid = await _trigger_id(conn, schema, trigger)
+        target = await _target_text(conn, schema, None, tid, trigger)
+        if not await FlowControl(schema).reset_breaker(conn, tid):
+            raise DispatcherError(f"{target} has no breaker (it never counted a failure)")
+        return target
+
+    click.echo(f"breaker of {_call(dsn, go)} reset: closed")

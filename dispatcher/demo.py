@@ -184,6 +184,7 @@ async def run_demo(dsn: str | None, console: Console, *, orders: int = 200) -> D
         finally:
             await conn.close()
         result = DemoResult(d.stats, dead, handled, d.stats.replies, abandoned, pg.source)
+        console.print()
         console.print(
             _table(
                 d.stats,

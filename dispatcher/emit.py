@@ -50,6 +50,7 @@ def encode_event(mutation: Mutation, *, max_bytes: int) -> str:
         "op": mutation.op.value,
         "value": mutation.value,
         "depth": mutation.depth,
+        "root": str(mutation.root),
     }
     try:
         text = json.dumps(event, ensure_ascii=False, allow_nan=False, separators=(",", ":"))

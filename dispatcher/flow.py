@@ -20,6 +20,8 @@ from dispatcher.core.models import JsonValue, check_name
 from dispatcher.db import Connection
 from dispatcher.schema import DEFAULT_SCHEMA
 from dispatcher.sql import queries
+from dispatcher.sql.admin import admin_queries
+from dispatcher.triggers import TriggerRegistry
 
 MAX_UNPARK_BATCH = 10_000
 
@@ -103,12 +105,20 @@ class FlowControl:
         everything: bool = False,
         note: str | None = None,
     ) -> Pause:
-        """Hold rows of one trigger, one scope, or everything; rows keep accumulating."""
+        """Hold rows of one trigger, one scope, or everything; rows keep accumulating.
+
+        Pausing a trigger id that does not exist raises
+        :class:`~dispatcher.core.errors.TriggerNotFound` (a typo would otherwise hold
+        nothing, silently).
+        """
         _check_target(scope, trigger_id, everything=everything)
+        name = None
+        if trigger_id is not None:
+            name = (await TriggerRegistry(self.schema).get(conn, trigger_id)).name
         row = await conn.fetchrow(queries(self.schema).pause, scope, trigger_id, note)
         assert row is not None
         return Pause(
-            row["id"], row["scope"], row["trigger_id"], None, row["note"], row["paused_at"]
+            row["id"], row["scope"], row["trigger_id"], name, row["note"], row["paused_at"]
         )
 
     async def resume(
@@ -175,9 +185,19 @@ class FlowControl:
         trigger_id: int | None = None,
         scope: str | None = None,
         limit: int = 1000,
+        dry_run: bool = False,
     ) -> int:
-        """Make up to ``limit`` parked rows due again (oldest first); returns how many."""
+        """Make up to ``limit`` parked rows due again (oldest first); returns how many.
+
+        With neither ``trigger_id`` nor ``scope``, any trigger's parked rows. ``dry_run``
+        counts what would be un-parked and changes nothing.
+        """
         _check_limit(limit)
+        if dry_run:
+            n = await conn.fetchval(
+                admin_queries(self.schema).count_unparkable, trigger_id, scope, limit
+            )
+            return int(n)
         row = await conn.fetchrow(queries(self.schema).unpark, trigger_id, scope, limit)
         assert row is not None
         return int(row["unparked"])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from dispatcher.core.models import JsonValue, Mutation, Op
@@ -34,6 +34,11 @@ class KvEntry:
     version: int
 
 
+# Decides, inside a savepoint after the emit, whether the enqueued rows stay (True) or are
+# rolled back while the KV write itself is kept (False). Used for per-root budgets.
+EmitGuard = Callable[[Connection, Mutation, Sequence[Enqueued]], Awaitable[bool]]
+
+
 @dataclass(frozen=True, slots=True)
 class KvStore:
     """Put, get and delete over the ``kv`` table; every write emits with its trigger depth."""
@@ -50,9 +55,18 @@ class KvStore:
         *,
         depth: int = 0,
         event_id: uuid.UUID | None = None,
+        root_id: uuid.UUID | None = None,
+        guard: EmitGuard | None = None,
     ) -> KvWrite:
         mutation = Mutation(
-            scope, namespace, key, Op.PUT, value, event_id=event_id or uuid.uuid4(), depth=depth
+            scope,
+            namespace,
+            key,
+            Op.PUT,
+            value,
+            event_id=event_id or uuid.uuid4(),
+            depth=depth,
+            root_id=root_id,
         )
         q = self._q()
         # Validate size and encodability before anything is written.
@@ -60,7 +74,7 @@ class KvStore:
         stored = json.dumps(value, ensure_ascii=False)
         async with conn.transaction():
             version = await conn.fetchval(q.kv_put, scope, namespace, key, stored)
-            enqueued = await self.emitter.emit(conn, mutation)
+            enqueued = await self._emit(conn, mutation, guard)
         return KvWrite(version, mutation.event_id, enqueued)
 
     async def delete(
@@ -72,16 +86,44 @@ class KvStore:
         *,
         depth: int = 0,
         event_id: uuid.UUID | None = None,
+        root_id: uuid.UUID | None = None,
+        guard: EmitGuard | None = None,
     ) -> KvWrite:
         """Delete the key. The event is emitted only when a value was actually removed."""
         mutation = Mutation(
-            scope, namespace, key, Op.DELETE, None, event_id=event_id or uuid.uuid4(), depth=depth
+            scope,
+            namespace,
+            key,
+            Op.DELETE,
+            None,
+            event_id=event_id or uuid.uuid4(),
+            depth=depth,
+            root_id=root_id,
         )
         q = self._q()
         async with conn.transaction():
             version = await conn.fetchval(q.kv_delete, scope, namespace, key)
-            enqueued = [] if version is None else await self.emitter.emit(conn, mutation)
+            enqueued = [] if version is None else await self._emit(conn, mutation, guard)
         return KvWrite(version, mutation.event_id, enqueued)
+
+    async def _emit(
+        self, conn: Connection, mutation: Mutation, guard: EmitGuard | None
+    ) -> Sequence[Enqueued]:
+        if guard is None:
+            return await self.emitter.emit(conn, mutation)
+        savepoint = conn.transaction()
+        await savepoint.start()
+        try:
+            enqueued = await self.emitter.emit(conn, mutation)
+            keep = await guard(conn, mutation, enqueued)
+        except BaseException:
+            await savepoint.rollback()
+            raise
+        if keep:
+            await savepoint.commit()
+            return enqueued
+        await savepoint.rollback()
+        return []
 
     async def get(self, conn: Connection, scope: str, namespace: str, key: str) -> KvEntry | None:
         row = await conn.fetchrow(self._q().kv_get, scope, namespace, key)

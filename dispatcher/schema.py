@@ -243,6 +243,18 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         CheckConstraint("state IN ('closed', 'open', 'half_open')", name="breakers_state_check"),
     )
 
+    # Rows enqueued by handler writes descending from one root event (a user's mutation):
+    # bounds fan-out recursion that stays within the depth limit.
+    Table(
+        "root_budgets",
+        md,
+        Column("root_id", UUID(as_uuid=True), nullable=False),
+        Column("rows", Integer, nullable=False),
+        _ts("created_at", default=True),
+        PrimaryKeyConstraint("root_id", name="root_budgets_pkey"),
+        Index("root_budgets_created_idx", "created_at"),
+    )
+
     Table(
         "kv",
         md,

@@ -156,6 +156,8 @@ class Mutation:
     value: JsonValue = None
     event_id: uuid.UUID = field(default_factory=uuid.uuid4)
     depth: int = 0
+    # The user mutation this one descends from (through handler writes); None: itself.
+    root_id: uuid.UUID | None = None
 
     def __post_init__(self) -> None:
         check_name("scope", self.scope)
@@ -169,6 +171,12 @@ class Mutation:
             raise InvalidInput("event_id", self.event_id, "must be a uuid.UUID")
         if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 0:
             raise InvalidInput("depth", self.depth, "must be a non-negative integer")
+        if self.root_id is not None and not isinstance(self.root_id, uuid.UUID):
+            raise InvalidInput("root_id", self.root_id, "must be a uuid.UUID or None")
+
+    @property
+    def root(self) -> uuid.UUID:
+        return self.root_id or self.event_id
 
 
 MAX_KEY_LENGTH = 1024

@@ -12,12 +12,14 @@ shared gate, and settling their outcomes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
 import random
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -40,8 +42,9 @@ from dispatcher.core.policy import RandomSource
 from dispatcher.core.redact import DEFAULT_REDACT_KEYS, Redactor
 from dispatcher.core.routing import admit, route
 from dispatcher.core.sanitize import describe_exception
-from dispatcher.emit import Emitter, encode_event
-from dispatcher.kv import KvEntry, KvStore, KvWrite
+from dispatcher.db import Connection
+from dispatcher.emit import Emitter, Enqueued, encode_event
+from dispatcher.kv import EmitGuard, KvEntry, KvStore, KvWrite
 from dispatcher.runtime.gate import ExecutionGate
 from dispatcher.runtime.handlers import Executor, HandlerContext, KvHandle
 from dispatcher.runtime.inbox import InProcessInbox, InvokeResult
@@ -107,6 +110,11 @@ class DispatcherConfig:
     # (matched case-insensitively, '-' and '_' alike); () turns redaction off. A replayed
     # dead letter runs with its redacted payload: keep credentials out of events.
     redact_keys: tuple[str, ...] = tuple(sorted(DEFAULT_REDACT_KEYS))
+    # Rows that handler writes descending from one user mutation may enqueue, all depths
+    # together: stops fan-out recursion that stays under the depth limit. None: no limit.
+    max_executions_per_root: int | None = 10_000
+    # How long a root's count is kept (it only matters while its tree still runs).
+    root_budget_ttl: float = 86_400.0
 
     def __post_init__(self) -> None:
         for name in ("poll_interval", "lease_margin", "reconnect_min", "reconnect_max"):
@@ -115,6 +123,12 @@ class DispatcherConfig:
             _positive(name, getattr(self, name), allow_zero=True)
         _positive("max_rate_limited_age", self.max_rate_limited_age)
         _positive("breaker_cooldown", self.breaker_cooldown)
+        _positive("root_budget_ttl", self.root_budget_ttl)
+        budget = self.max_executions_per_root
+        if budget is not None and (
+            isinstance(budget, bool) or not isinstance(budget, int) or budget < 1
+        ):
+            raise InvalidInput("max_executions_per_root", budget, "must be a positive int or None")
         if not isinstance(self.breaker_threshold, int) or self.breaker_threshold < 0:
             raise InvalidInput("breaker_threshold", self.breaker_threshold, "must be >= 0")
         for name in ("batch_size", "concurrency", "max_error_history", "pool_size", "unpark_batch"):
@@ -201,25 +215,50 @@ def _row_from_record(r: asyncpg.Record) -> ClaimedRow:
 class _PoolKv:
     """Handler KV writes through the dispatcher's pool; never exposed to handlers."""
 
-    __slots__ = ("_kv", "_pool")
+    __slots__ = ("_guard", "_kv", "_pool")
 
-    def __init__(self, pool: asyncpg.Pool, kv: KvStore) -> None:
+    def __init__(self, pool: asyncpg.Pool, kv: KvStore, guard: EmitGuard | None) -> None:
         self._pool = pool
         self._kv = kv
+        self._guard = guard
 
     async def put(
-        self, scope: str, namespace: str, key: str, value: JsonValue, depth: int, event: uuid.UUID
+        self,
+        scope: str,
+        namespace: str,
+        key: str,
+        value: JsonValue,
+        depth: int,
+        event: uuid.UUID,
+        root: uuid.UUID,
     ) -> KvWrite:
         async with self._pool.acquire() as conn:
             return await self._kv.put(
-                conn, scope, namespace, key, value, depth=depth, event_id=event
+                conn,
+                scope,
+                namespace,
+                key,
+                value,
+                depth=depth,
+                event_id=event,
+                root_id=root,
+                guard=self._guard,
             )
 
     async def delete(
-        self, scope: str, namespace: str, key: str, depth: int, event: uuid.UUID
+        self, scope: str, namespace: str, key: str, depth: int, event: uuid.UUID, root: uuid.UUID
     ) -> KvWrite:
         async with self._pool.acquire() as conn:
-            return await self._kv.delete(conn, scope, namespace, key, depth=depth, event_id=event)
+            return await self._kv.delete(
+                conn,
+                scope,
+                namespace,
+                key,
+                depth=depth,
+                event_id=event,
+                root_id=root,
+                guard=self._guard,
+            )
 
     async def get(self, scope: str, namespace: str, key: str) -> KvEntry | None:
         async with self._pool.acquire() as conn:
@@ -356,6 +395,8 @@ class Dispatcher:
                     services.start_soon(self._listen_loop)
                 if self.config.backlog_interval > 0:
                     services.start_soon(self._sample_backlog)
+                if self.config.max_executions_per_root is not None:
+                    services.start_soon(self._expire_root_budgets)
                 task_status.started()
                 log.info(
                     "dispatcher started",
@@ -469,11 +510,35 @@ class Dispatcher:
                     max_size=self.config.pool_size,
                     server_settings=self._session_settings(self.config.application_name),
                 )
-                self._kv_session = _PoolKv(self._pool, KvStore(self._emitter))
+                guard = None if self.config.max_executions_per_root is None else self._root_budget
+                self._kv_session = _PoolKv(self._pool, KvStore(self._emitter), guard)
                 self._db_ok()
                 return
             except DB_ERRORS as exc:
                 delay = await self._db_failed(exc, delay)
+
+    async def _root_budget(
+        self, conn: Connection, mutation: Mutation, enqueued: Sequence[Enqueued]
+    ) -> bool:
+        """Inside the handler write's savepoint: keep its rows while the root's tree is
+        within budget; past it, roll the rows back (the KV write itself stays)."""
+        budget = self.config.max_executions_per_root
+        if budget is None or not enqueued:
+            return True
+        total = await conn.fetchval(self._sql.root_budget_add, mutation.root, len(enqueued))
+        if total <= budget:
+            return True
+        self.stats.budget_exceeded += len(enqueued)
+        log.warning(
+            "per-root execution budget exhausted; rows not enqueued",
+            extra={
+                "event": "dispatcher.budget_exceeded",
+                "scope": mutation.scope,
+                "rows": len(enqueued),
+                "budget": budget,
+            },
+        )
+        return False
 
     @staticmethod
     def _session_settings(application_name: str) -> dict[str, str]:
@@ -664,6 +729,7 @@ class Dispatcher:
         assert self._kv_session is not None
         payload = row.payload if isinstance(row.payload, dict) else {"value": row.payload}
         key = row.idempotency_key
+        root = _root_of(payload, row.event_id)
         ctx = HandlerContext(
             event=payload,
             principal=principal,
@@ -673,7 +739,7 @@ class Dispatcher:
             trigger_name=row.trigger_name,
             trigger_id=row.trigger_id,
             depth=row.depth,
-            kv=KvHandle(self._kv_session, row.scope, row.depth, key),
+            kv=KvHandle(self._kv_session, row.scope, row.depth, key, root),
         )
         return await self._executor.execute(row.target, ctx, row.timeout)
 
@@ -759,6 +825,13 @@ class Dispatcher:
                 self.recorder.backlog(int(row["due"]), float(row["oldest_due_seconds"]))
             await anyio.sleep(self.config.backlog_interval)
 
+    async def _expire_root_budgets(self) -> None:
+        assert self._pool is not None
+        while True:
+            with contextlib.suppress(*DB_ERRORS):
+                await self._pool.execute(self._sql.root_budget_expire, self.config.root_budget_ttl)
+            await anyio.sleep(min(self.config.root_budget_ttl, 600.0))
+
     def _busy(self) -> bool:
         return bool(self._in_flight or self._pending or self._settling or self._claiming)
 
@@ -784,6 +857,16 @@ class Dispatcher:
                 wait = min(float(row["next_due_in"]), 1.0)
             with anyio.move_on_after(wait):
                 await self._wait_progress()
+
+
+def _root_of(payload: Mapping[str, JsonValue], event_id: uuid.UUID) -> uuid.UUID:
+    root = payload.get("root")
+    if isinstance(root, str):
+        try:
+            return uuid.UUID(root)
+        except ValueError:
+            pass
+    return event_id
 
 
 def _set_event(event: anyio.Event, *_: object) -> None:

@@ -55,10 +55,17 @@ class KvSession(Protocol):
     the dispatcher's pool or credentials."""
 
     async def put(
-        self, scope: str, namespace: str, key: str, value: JsonValue, depth: int, event: uuid.UUID
+        self,
+        scope: str,
+        namespace: str,
+        key: str,
+        value: JsonValue,
+        depth: int,
+        event: uuid.UUID,
+        root: uuid.UUID,
     ) -> KvWrite: ...
     async def delete(
-        self, scope: str, namespace: str, key: str, depth: int, event: uuid.UUID
+        self, scope: str, namespace: str, key: str, depth: int, event: uuid.UUID, root: uuid.UUID
     ) -> KvWrite: ...
     async def get(self, scope: str, namespace: str, key: str) -> KvEntry | None: ...
 
@@ -68,16 +75,24 @@ class KvHandle:
 
     Each write's event id is derived from the execution's idempotency key and the write's
     sequence number, so a re-execution after a lost lease does not enqueue the downstream
-    triggers twice.
+    triggers twice. Writes carry the root event's id, which per-root budgets count against.
     """
 
-    __slots__ = ("__depth", "__key", "__scope", "__seq", "__session")
+    __slots__ = ("__depth", "__key", "__root", "__scope", "__seq", "__session")
 
-    def __init__(self, session: KvSession, scope: str, depth: int, idempotency_key: str) -> None:
+    def __init__(
+        self,
+        session: KvSession,
+        scope: str,
+        depth: int,
+        idempotency_key: str,
+        root: uuid.UUID,
+    ) -> None:
         self.__session = session
         self.__scope = scope
         self.__depth = depth
         self.__key = idempotency_key
+        self.__root = root
         self.__seq = 0
 
     def _next_event_id(self) -> uuid.UUID:
@@ -86,12 +101,18 @@ class KvHandle:
 
     async def put(self, namespace: str, key: str, value: JsonValue) -> KvWrite:
         return await self.__session.put(
-            self.__scope, namespace, key, value, self.__depth + 1, self._next_event_id()
+            self.__scope,
+            namespace,
+            key,
+            value,
+            self.__depth + 1,
+            self._next_event_id(),
+            self.__root,
         )
 
     async def delete(self, namespace: str, key: str) -> KvWrite:
         return await self.__session.delete(
-            self.__scope, namespace, key, self.__depth + 1, self._next_event_id()
+            self.__scope, namespace, key, self.__depth + 1, self._next_event_id(), self.__root
         )
 
     async def get(self, namespace: str, key: str) -> KvEntry | None:

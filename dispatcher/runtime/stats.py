@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from enum import StrEnum
 from typing import Protocol
@@ -43,12 +43,15 @@ class Stats:
     unparked: int = 0
     breakers_opened: int = 0
     breakers_closed: int = 0
+    budget_exceeded: int = 0
     db_errors: int = 0
     dead_letters_by_reason: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, int]:
         """The scalar counters (``dead_letters_by_reason`` is separate)."""
-        return {k: v for k, v in asdict(self).items() if isinstance(v, int)}
+        # getattr, not asdict: asdict deep-copies the Counter, which a metrics scrape in
+        # another thread could catch mid-update.
+        return {f.name: v for f in fields(self) if isinstance(v := getattr(self, f.name), int)}
 
 
 @dataclass(frozen=True, slots=True)

@@ -563,6 +563,15 @@ class Sql:
                     SELECT pg_notify('{self.channel}', '') FROM ins LIMIT 1) AS w) AS notified
             """
 
+        # --- per-root budgets (handler writes only) ---
+        self.root_budget_add = f"""
+            INSERT INTO {s}.root_budgets AS b (root_id, rows) VALUES ($1, $2)
+            ON CONFLICT (root_id) DO UPDATE SET rows = b.rows + excluded.rows
+            RETURNING rows"""
+        self.root_budget_expire = f"""
+            DELETE FROM {s}.root_budgets
+            WHERE created_at < clock_timestamp() - make_interval(secs => $1)"""
+
         # --- reference KV ---
         self.kv_get = f"""
             SELECT value, version FROM {s}.kv WHERE scope = $1 AND namespace = $2 AND key = $3"""

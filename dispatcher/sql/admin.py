@@ -1,4 +1,5 @@
-"""Every statement of the operator surface (dead letters, status, abandoned executions).
+"""Every statement of the operator surface (dead letters, status, abandoned executions, and
+the flow-control reads :mod:`dispatcher.sql` does not already have).
 
 Like :mod:`dispatcher.sql`, the schema name is validated and injected once, and every value
 an operator types travels as a parameter, never as SQL text.
@@ -195,32 +196,65 @@ class AdminSql:
             ORDER BY a.id DESC
             LIMIT $4"""
 
+        # --- flow control ---
+        # What `unpark` would take ($1 trigger id, $2 scope, $3 limit; the same selection as
+        # Sql.unpark), for a dry run. No FOR UPDATE: a dry run must not hold rows a
+        # dispatcher's sibling-success un-park would then skip.
+        self.count_unparkable = f"""
+            SELECT count(*) FROM (
+                SELECT 1 FROM {s}.outbox
+                WHERE parked_at IS NOT NULL
+                    AND ($1::bigint IS NULL OR trigger_id = $1)
+                    AND ($2::text IS NULL OR scope = $2)
+                ORDER BY id LIMIT $3) AS x"""
+
         # --- status ---
-        # One statement, so every number comes from the same snapshot and the same instant
-        # of the database clock. A claimed row's due_at is its lease expiry: a future due_at
-        # with a lease token is a live claim, a past one is claimable again (counted due).
+        # One statement, so every number, pause and breaker comes from the same snapshot and
+        # the same instant of the database clock. A claimed row's due_at is its lease
+        # expiry: a future due_at with a lease token is a live claim, a past one is
+        # claimable again (counted due). A parked row sits at due_at = 'infinity' until
+        # un-parked; it is counted as parked only, so the four states partition the outbox.
+        # Pauses and breakers select as Sql.list_pauses and Sql.list_breakers do (a test
+        # holds them equal); arrays of anonymous rows come back as tuples.
         # $1: how many triggers to list by backlog.
         self.status = f"""
             WITH c AS MATERIALIZED (SELECT clock_timestamp() AS now),
             ob AS (
                 SELECT
-                    count(*) FILTER (WHERE o.due_at <= (SELECT now FROM c)) AS due_now,
-                    count(*) FILTER (WHERE o.due_at > (SELECT now FROM c)
-                        AND o.lease_token IS NULL) AS scheduled,
-                    count(*) FILTER (WHERE o.due_at > (SELECT now FROM c)
-                        AND o.lease_token IS NOT NULL) AS leased,
+                    count(*) FILTER (WHERE o.parked_at IS NULL
+                        AND o.due_at <= (SELECT now FROM c)) AS due_now,
+                    count(*) FILTER (WHERE o.parked_at IS NULL
+                        AND o.due_at > (SELECT now FROM c) AND o.lease_token IS NULL)
+                        AS scheduled,
+                    count(*) FILTER (WHERE o.parked_at IS NULL
+                        AND o.due_at > (SELECT now FROM c) AND o.lease_token IS NOT NULL)
+                        AS leased,
+                    count(*) FILTER (WHERE o.parked_at IS NOT NULL) AS parked,
                     extract(epoch FROM (SELECT now FROM c)
-                        - min(o.due_at) FILTER (WHERE o.due_at <= (SELECT now FROM c))
+                        - min(o.due_at) FILTER (WHERE o.parked_at IS NULL
+                            AND o.due_at <= (SELECT now FROM c))
                     )::float8 AS oldest_due_seconds
                 FROM {s}.outbox o
             ),
             top AS (
                 SELECT o.trigger_id, o.scope, o.trigger_name, count(*) AS total,
-                    count(*) FILTER (WHERE o.due_at <= (SELECT now FROM c)) AS due_now
+                    count(*) FILTER (WHERE o.parked_at IS NULL
+                        AND o.due_at <= (SELECT now FROM c)) AS due_now,
+                    count(*) FILTER (WHERE o.parked_at IS NOT NULL) AS parked
                 FROM {s}.outbox o
                 GROUP BY o.trigger_id, o.scope, o.trigger_name
                 ORDER BY total DESC, o.trigger_id
                 LIMIT $1
+            ),
+            pz AS (
+                SELECT p.id, p.scope, p.trigger_id, t.name AS trigger_name, p.note, p.paused_at
+                FROM {s}.pauses p LEFT JOIN {s}.triggers t ON t.id = p.trigger_id
+            ),
+            bk AS (
+                SELECT b.trigger_id, t.scope, t.name AS trigger_name, b.state, b.failures,
+                    b.open_until, b.probe_id, b.opened_count, b.updated_at
+                FROM {s}.breakers b LEFT JOIN {s}.triggers t ON t.id = b.trigger_id
+                WHERE b.state <> 'closed' OR b.failures > 0
             ),
             by_resolution AS (
                 SELECT resolution, count(*) AS n FROM {s}.dead_letters GROUP BY resolution
@@ -230,7 +264,8 @@ class AdminSql:
                 WHERE resolution IN {_ACTIONABLE_SQL}
                 GROUP BY reason
             )
-            SELECT c.now, ob.due_now, ob.scheduled, ob.leased, ob.oldest_due_seconds,
+            SELECT c.now, ob.due_now, ob.scheduled, ob.leased, ob.parked,
+                ob.oldest_due_seconds,
                 (SELECT coalesce(array_agg(resolution ORDER BY resolution), '{{}}')
                     FROM by_resolution) AS resolutions,
                 (SELECT coalesce(array_agg(n ORDER BY resolution), '{{}}')
@@ -249,7 +284,16 @@ class AdminSql:
                     FROM top) AS top_totals,
                 (SELECT coalesce(array_agg(due_now ORDER BY total DESC, trigger_id), '{{}}')
                     FROM top) AS top_due,
-                (SELECT count(*) FROM {s}.abandoned_executions) AS abandoned
+                (SELECT coalesce(array_agg(parked ORDER BY total DESC, trigger_id), '{{}}')
+                    FROM top) AS top_parked,
+                (SELECT count(*) FROM {s}.abandoned_executions) AS abandoned,
+                (SELECT coalesce(array_agg(
+                    ROW(id, scope, trigger_id, trigger_name, note, paused_at)
+                    ORDER BY paused_at, id), '{{}}') FROM pz) AS pauses,
+                (SELECT coalesce(array_agg(
+                    ROW(trigger_id, scope, trigger_name, state, failures, open_until, probe_id,
+                        opened_count, updated_at)
+                    ORDER BY updated_at DESC, trigger_id), '{{}}') FROM bk) AS breakers
             FROM c, ob"""
 
 

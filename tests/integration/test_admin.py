@@ -21,6 +21,7 @@ from dead_letter_seed import (
     rows,
     set_state,
 )
+from flow_seed import park, set_breaker
 from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
@@ -35,6 +36,7 @@ from dispatcher.admin import (
 from dispatcher.core.errors import DispatcherError, InvalidInput, TriggerNotFound
 from dispatcher.core.models import BackoffKind, RetryPolicy
 from dispatcher.core.outcomes import DeadLetterReason, Resolution
+from dispatcher.flow import FlowControl
 from dispatcher.migrate import _config, migrate
 from dispatcher.runtime.dispatcher import Dispatcher, DispatcherConfig
 from dispatcher.runtime.handlers import HandlerContext, HandlerRegistry
@@ -343,6 +345,51 @@ async def test_replay_with_the_current_policy_skips_deleted_triggers(
     assert [x.dead_letter_id for x in again.replayed] == [orphan]
 
 
+async def test_replay_carries_park_on_from_the_chosen_policy(conn: asyncpg.Connection) -> None:
+    current = RetryPolicy(max_attempts=4, park_on={"target_not_found"})
+    t = await add_trigger(conn, "welcome", retry=current)
+    snapshot = SNAPSHOT_POLICY | {"park_on": ["permission_denied"]}
+    kept = await dead_letter(conn, trigger_id=t, policy=snapshot)
+    taken = await dead_letter(conn, trigger_id=t, policy=snapshot)
+    older = await dead_letter(conn, trigger_id=t)  # a snapshot from before parking existed
+
+    original = await ADMIN.replay(conn, DeadLetterFilter(ids=(kept, older)))
+    by_letter = {r.dead_letter_id: r for r in original.replayed}
+    assert by_letter[kept].policy.park_on == {"permission_denied"}
+    assert by_letter[older].policy.park_on == frozenset()
+    now = await ADMIN.replay(conn, DeadLetterFilter(ids=(taken,)), policy="current")
+    [r] = now.replayed
+    assert r.policy.park_on == {"target_not_found"}
+
+    stored = {
+        row["event_id"]: list(row["park_on"])
+        for row in await conn.fetch("SELECT event_id, park_on FROM dispatcher.outbox")
+    }
+    assert stored == {
+        by_letter[kept].event_id: ["permission_denied"],
+        by_letter[older].event_id: [],
+        r.event_id: ["target_not_found"],
+    }
+
+
+async def test_replayed_row_parks_as_its_policy_says(dsn: str, conn: asyncpg.Connection) -> None:
+    """The park_on a replay stores is the one the runtime acts on."""
+    t = await add_trigger(conn, "welcome", target="not.deployed")
+    snapshot = SNAPSHOT_POLICY | {"park_on": ["target_not_found"], "max_attempts": 1}
+    parks = await dead_letter(conn, trigger_id=t, policy=snapshot)
+    dies = await dead_letter(conn, trigger_id=t, policy=SNAPSHOT_POLICY | {"max_attempts": 1})
+    await ADMIN.replay(conn, DeadLetterFilter(ids=(parks, dies)))
+    config = DispatcherConfig(poll_interval=0.05, breaker_threshold=0)
+    stats = await Dispatcher(dsn, HandlerRegistry(), config=config).run_until_idle(
+        include_scheduled=True
+    )
+    assert stats.parked == 1
+    [parked] = await FlowControl().parked(conn)
+    assert parked.reason == "target_not_found"
+    again = await ADMIN.list_dead_letters(conn, DeadLetterFilter(resolution=Resolution.OPEN))
+    assert [d.reason for d in again] == [DeadLetterReason.TARGET_NOT_FOUND]
+
+
 async def test_replay_twice_replays_once(conn: asyncpg.Connection) -> None:
     t = await add_trigger(conn, "welcome")
     one = await dead_letter(conn, trigger_id=t)
@@ -584,6 +631,9 @@ async def seed_outbox(conn: asyncpg.Connection) -> dict[str, int]:
 
 async def test_status_numbers(conn: asyncpg.Connection) -> None:
     triggers = await seed_outbox(conn)
+    # A parked row sits at due_at = 'infinity': parked, not "scheduled later".
+    [parked] = await enqueue(conn, "users/a4")
+    await park(conn, parked)
     ids = await seed_mix(conn)
     await dead_letter(conn, trigger_id=ids["welcome"], reason="timeout")
     for outcome in ("success", "failure"):
@@ -591,7 +641,7 @@ async def test_status_numbers(conn: asyncpg.Connection) -> None:
 
     report = await ADMIN.status(conn)
     o = report.outbox
-    assert (o.due_now, o.scheduled, o.leased, o.total) == (3, 2, 2, 7)
+    assert (o.due_now, o.scheduled, o.leased, o.parked, o.total) == (3, 2, 2, 1, 8)
     assert o.oldest_due_seconds is not None
     assert 60 <= o.oldest_due_seconds < 120
     assert report.dead_letters_by_resolution == {
@@ -605,22 +655,75 @@ async def test_status_numbers(conn: asyncpg.Connection) -> None:
         DeadLetterReason.HANDLER_ERROR: 2,
         DeadLetterReason.TIMEOUT: 2,
     }
-    assert [(t.trigger_id, t.trigger_name, t.total, t.due_now) for t in report.top_backlog] == [
-        (triggers["welcome"], "welcome", 5, 3),
-        (triggers["billing"], "billing", 2, 0),
+    assert [
+        (t.trigger_id, t.trigger_name, t.total, t.due_now, t.parked) for t in report.top_backlog
+    ] == [
+        (triggers["welcome"], "welcome", 6, 3, 1),
+        (triggers["billing"], "billing", 2, 0, 0),
     ]
     assert report.abandoned_executions == 2
+    assert (report.pauses, report.breakers) == ((), ())
     assert abs((report.at - await db_now(conn)).total_seconds()) < 60
 
 
 async def test_status_of_empty_tables(conn: asyncpg.Connection) -> None:
     report = await ADMIN.status(conn)
-    assert (report.outbox.due_now, report.outbox.scheduled, report.outbox.leased) == (0, 0, 0)
+    o = report.outbox
+    assert (o.due_now, o.scheduled, o.leased, o.parked) == (0, 0, 0, 0)
     assert report.outbox.oldest_due_seconds is None
     assert set(report.dead_letters_by_resolution.values()) == {0}
     assert report.unresolved_by_reason == {}
     assert report.top_backlog == ()
     assert report.abandoned_executions == 0
+    assert (report.pauses, report.breakers) == ((), ())
+
+
+async def test_status_shows_pauses_and_breakers_as_flow_control_lists_them(
+    conn: asyncpg.Connection,
+) -> None:
+    flow = FlowControl()
+    welcome = await add_trigger(conn, "welcome")
+    billing = await add_trigger(conn, "billing")
+    audit = await add_trigger(conn, "audit")
+    calm = await add_trigger(conn, "calm")
+    gone = await add_trigger(conn, "gone")
+    await flow.pause(conn, scope="globex", note="migrating globex")
+    await flow.pause(conn, trigger_id=billing)
+    await flow.pause(conn, everything=True, note="upgrade")
+    probe = (await enqueue(conn, "users/1"))[0]
+    await set_breaker(conn, welcome, state="open", failures=3, open_for=60, opened_count=2)
+    await set_breaker(conn, billing, state="closed", failures=2)
+    await set_breaker(conn, audit, state="half_open", failures=3, probe_id=probe, opened_count=1)
+    await set_breaker(conn, calm, state="closed", failures=0)  # healthy: not listed
+    await set_breaker(conn, gone, state="open", failures=5, open_for=30, opened_count=1)
+    await TriggerRegistry().delete(conn, gone)  # its breaker row outlives it
+
+    report = await ADMIN.status(conn)
+    assert [(p.target, p.note) for p in report.pauses] == [
+        ("scope globex", "migrating globex"),
+        (f"trigger {billing} (billing)", None),
+        ("everything", "upgrade"),
+    ]
+    assert [(b.trigger_id, b.trigger_name, b.state, b.failures) for b in report.breakers] == [
+        (gone, None, "open", 5),
+        (audit, "audit", "half_open", 3),
+        (billing, "billing", "closed", 2),
+        (welcome, "welcome", "open", 3),
+    ]
+    [half_open] = [b for b in report.breakers if b.state == "half_open"]
+    assert (half_open.probe_id, half_open.opened_count, half_open.open_until) == (probe, 1, None)
+    [opened] = [b for b in report.breakers if b.trigger_id == welcome]
+    assert opened.open_until is not None
+    assert opened.open_until > report.at
+    # The status statement selects exactly what FlowControl lists.
+    assert list(report.pauses) == await flow.pauses(conn)
+    assert list(report.breakers) == await flow.breakers(conn)
+
+    await flow.resume(conn, everything=True)
+    await flow.reset_breaker(conn, welcome)
+    report = await ADMIN.status(conn)
+    assert [p.target for p in report.pauses] == ["scope globex", f"trigger {billing} (billing)"]
+    assert welcome not in {b.trigger_id for b in report.breakers}
 
 
 async def test_top_backlog_is_capped_at_ten(conn: asyncpg.Connection) -> None:
@@ -662,6 +765,8 @@ async def test_list_abandoned(conn: asyncpg.Connection) -> None:
 
 async def test_operator_views(conn: asyncpg.Connection) -> None:
     triggers = await seed_outbox(conn)
+    for row in await enqueue(conn, "users/b9"):  # one row per trigger, both parked
+        await park(conn, row)
     ids = await seed_mix(conn)
     summary = await conn.fetch(
         """SELECT scope, trigger_name, reason, resolution, count, oldest <= newest AS ordered
@@ -676,13 +781,18 @@ async def test_operator_views(conn: asyncpg.Connection) -> None:
     ]
     assert ids  # seeded
     lag = await conn.fetch(
-        """SELECT scope, trigger_name, due_now, scheduled, leased, oldest_due_seconds
+        """SELECT scope, trigger_name, due_now, scheduled, leased, parked, oldest_due_seconds
         FROM dispatcher.outbox_lag ORDER BY trigger_name"""
     )
-    assert [tuple(r)[:5] for r in lag] == [
-        ("acme", "billing", 0, 1, 1),
-        ("acme", "welcome", 3, 1, 1),
+    assert [tuple(r)[:6] for r in lag] == [
+        ("acme", "billing", 0, 1, 1, 1),
+        ("acme", "welcome", 3, 1, 1, 1),
     ]
+    # The view and `status` count the same way.
+    o = (await ADMIN.status(conn)).outbox
+    assert (o.due_now, o.scheduled, o.leased, o.parked) == tuple(
+        sum(r[k] for r in lag) for k in ("due_now", "scheduled", "leased", "parked")
+    )
     assert 60 <= lag[1]["oldest_due_seconds"] < 120
     assert lag[0]["oldest_due_seconds"] == 0
     assert triggers
@@ -708,6 +818,11 @@ async def test_views_downgrade_and_custom_schema(empty_dsn: str) -> None:
         report = await admin.replay(conn, DeadLetterFilter(ids=(dl,)))
         assert len(report.replayed) == 1
         assert await conn.fetchval(f"SELECT sum(due_now) FROM {schema}.outbox_lag") == 1
+        parked = await conn.fetchval(f"SELECT id FROM {schema}.outbox")
+        await park(conn, parked, schema=schema)
+        lag = f"SELECT * FROM {schema}.outbox_lag"
+        [row] = await conn.fetch(lag)
+        assert (row["due_now"], row["scheduled"], row["parked"]) == (0, 0, 1)
 
         engine = create_async_engine(
             "postgresql+asyncpg://",
@@ -715,6 +830,17 @@ async def test_views_downgrade_and_custom_schema(empty_dsn: str) -> None:
             poolclass=NullPool,
         )
         try:
+            # 0004 down: the 0002 view again, parked rows counted as scheduled.
+            async with engine.begin() as sa_conn:
+                await sa_conn.run_sync(_downgrade, schema, "0003")
+            [row] = await conn.fetch(lag)
+            assert list(row.keys()) == [
+                "scope", "trigger_name", "due_now", "scheduled", "leased", "oldest_due_seconds"
+            ]  # fmt: skip
+            assert (row["due_now"], row["scheduled"]) == (0, 1)
+            await migrate(empty_dsn, schema=schema)
+            [row] = await conn.fetch(lag)
+            assert (row["scheduled"], row["parked"]) == (0, 1)
             async with engine.begin() as sa_conn:
                 await sa_conn.run_sync(_downgrade, schema, "0001")
         finally:

@@ -8,57 +8,28 @@ import subprocess
 import sys
 import uuid
 from datetime import UTC, timedelta
-from typing import Any
 
 import anyio
-import anyio.to_thread
 import asyncpg
 import pytest
-from click.testing import CliRunner, Result
-from dead_letter_seed import abandoned, add_trigger, dead_letter, enqueue, rows, set_state
+from cli_run import assert_error, ok, ok_json, run
+from dead_letter_seed import (
+    SNAPSHOT_POLICY,
+    abandoned,
+    add_trigger,
+    dead_letter,
+    enqueue,
+    rows,
+    set_state,
+)
+from flow_seed import park, set_breaker
 
-from dispatcher.cli import main
+from dispatcher.core.models import RetryPolicy
+from dispatcher.flow import FlowControl
 
 pytestmark = pytest.mark.anyio
 
 DAY = timedelta(days=1)
-# Nothing from the environment of whoever runs the tests.
-CLEAN_ENV: dict[str, str | None] = {
-    "DATABASE_URL": None,
-    "DISPATCHER_SCHEMA": None,
-    "DISPATCHER_LOG_LEVEL": None,
-}
-
-
-async def run(*args: str) -> Result:
-    """Invoke the CLI in a worker thread: it runs its own event loop, as it would in a shell."""
-    runner = CliRunner(env=CLEAN_ENV)
-    return await anyio.to_thread.run_sync(lambda: runner.invoke(main, list(args)))
-
-
-async def ok(*args: str) -> Result:
-    result = await run(*args)
-    assert result.exit_code == 0, result.output
-    assert result.exception is None
-    return result
-
-
-async def ok_json(*args: str) -> Any:
-    return json.loads((await ok(*args, "--json")).stdout)
-
-
-def assert_error(result: Result, *, code: int = 1, contains: str = "") -> str:
-    """A failed command: the expected exit status, no traceback, an ``Error:`` line."""
-    assert result.exit_code == code, result.output
-    assert isinstance(result.exception, SystemExit)
-    assert "Traceback" not in result.output
-    err = result.stderr.strip()
-    lines = err.splitlines()
-    if code == 1:
-        assert len(lines) == 1, err
-    assert lines[-1].startswith("Error: "), err
-    assert contains in lines[-1], err
-    return lines[-1]
 
 
 async def seed(conn: asyncpg.Connection) -> dict[str, int]:
@@ -85,19 +56,25 @@ async def seed(conn: asyncpg.Connection) -> dict[str, int]:
 
 async def test_status_json_and_table(dsn: str, conn: asyncpg.Connection) -> None:
     ids = await seed(conn)
-    # Both triggers match: users/1 -> rows 0 and 1, users/2 -> rows 2 and 3.
-    outbox = await enqueue(conn, "users/1", "users/2")
+    # Both triggers match: users/1 -> rows 0 and 1, users/2 -> rows 2 and 3, users/3 -> 4, 5.
+    outbox = await enqueue(conn, "users/1", "users/2", "users/3")
     for row in outbox[:2]:
         await set_state(conn, row, due_in=-30)
-    for row in outbox[2:]:
+    for row in outbox[2:4]:
         await set_state(conn, row, due_in=600)
+    await park(conn, outbox[4], reason="permission_denied")
+    await park(conn, outbox[5])
     await abandoned(conn)
+    flow = FlowControl()
+    await flow.pause(conn, scope="globex", note="tenant migration")
+    await set_breaker(conn, ids["billing"], state="open", failures=3, open_for=60, opened_count=1)
 
     report = await ok_json("status", "--dsn", dsn)
     assert report["outbox"] == {
         "due_now": 2,
         "scheduled": 2,
         "leased": 0,
+        "parked": 2,
         "oldest_due_seconds": pytest.approx(30, abs=30),
     }
     assert report["dead_letters_by_resolution"] == {
@@ -108,14 +85,47 @@ async def test_status_json_and_table(dsn: str, conn: asyncpg.Connection) -> None
         "discarded": 1,
     }
     assert report["unresolved_by_reason"] == {"handler_error": 2, "timeout": 1}
-    assert [t["trigger_id"] for t in report["top_backlog"]] == [ids["welcome"], ids["billing"]]
+    assert [(t["trigger_id"], t["total"], t["parked"]) for t in report["top_backlog"]] == [
+        (ids["welcome"], 3, 1),
+        (ids["billing"], 3, 1),
+    ]
     assert report["abandoned_executions"] == 1
+    [paused] = report["pauses"]
+    assert (paused["scope"], paused["trigger_id"], paused["note"]) == (
+        "globex",
+        None,
+        "tenant migration",
+    )
+    [breaker] = report["breakers"]
+    assert (breaker["trigger_id"], breaker["trigger_name"], breaker["state"]) == (
+        ids["billing"],
+        "billing",
+        "open",
+    )
+    assert breaker["open_until"] > report["at"]  # ISO 8601, both UTC: ordered as text
 
     text = (await ok("status", "--dsn", dsn)).stdout
     assert "due now" in text
     assert "handler_failed" in text
     assert "abandoned executions: 1" in text
+    assert [ln.split() for ln in text.splitlines() if ln.startswith(("scheduled", "parked"))] == [
+        ["scheduled", "later", "2"],
+        ["parked", "2"],
+    ]
+    assert "scope globex" in text
+    assert "tenant migration" in text
+    assert [str(ids["billing"]), "acme", "billing", "open", "3"] in [
+        ln.split()[:5] for ln in text.splitlines()
+    ]
     assert "\x1b[" not in text  # no colour codes when not a terminal
+
+    await flow.resume(conn, scope="globex")
+    await flow.reset_breaker(conn, ids["billing"])
+    calm = await ok_json("status", "--dsn", dsn)
+    assert (calm["pauses"], calm["breakers"]) == ([], [])
+    text = (await ok("status", "--dsn", dsn)).stdout
+    assert "paused: nothing" in text
+    assert "circuit breakers: all closed" in text
 
 
 async def test_triggers_add_list_enable_disable_remove(dsn: str, conn: asyncpg.Connection) -> None:
@@ -125,6 +135,7 @@ async def test_triggers_add_list_enable_disable_remove(dsn: str, conn: asyncpg.C
         "--registered-by", "user:7", "--ops", "put", "--retry-kind", "linear",
         "--base-delay", "2", "--factor", "1", "--max-delay", "20", "--jitter", "0",
         "--max-attempts", "4", "--max-event-age", "600", "--timeout", "12", "--disabled",
+        "--park-on", "target_not_found", "--park-on", "permission_denied",
     )  # fmt: skip
     row = await conn.fetchrow("SELECT * FROM dispatcher.triggers WHERE name = 'welcome'")
     assert row is not None
@@ -137,6 +148,7 @@ async def test_triggers_add_list_enable_disable_remove(dsn: str, conn: asyncpg.C
     )
     assert (row["retry_kind"], row["max_attempts"], row["timeout"]) == ("linear", 4, 12.0)
     assert row["max_event_age"] == 600.0
+    assert sorted(row["park_on"]) == ["permission_denied", "target_not_found"]
 
     await ok(
         "triggers", "add", "--dsn", dsn, "--scope", "acme", "--name", "on-dead",
@@ -157,11 +169,14 @@ async def test_triggers_add_list_enable_disable_remove(dsn: str, conn: asyncpg.C
         "jitter": 0.0,
         "max_attempts": 4,
         "max_event_age": 600.0,
+        "park_on": ["permission_denied", "target_not_found"],
     }
     assert {k: listed[1]["retry"][k] for k in expected_retry} == expected_retry
+    assert (listed[0]["retry"]["park_on"], listed[0]["retry"]["max_event_age"]) == ([], None)
     assert await ok_json("triggers", "list", "--dsn", dsn, "--scope", "globex") == []
     table = (await ok("triggers", "list", "--dsn", dsn)).stdout
     assert "send_welcome" in table
+    assert "age<=600s park_on=permission_denied,target_not_found" in table
     assert "2 trigger(s)" in table
 
     assert "enabled" in (await ok("triggers", "enable", "--dsn", dsn, str(tid))).stdout
@@ -186,6 +201,7 @@ async def test_triggers_add_list_enable_disable_remove(dsn: str, conn: asyncpg.C
         (["--pattern", "a**b"], "key_pattern"),
         (["--ops", "upsert"], "ops"),
         (["--name", "welcome"], "name"),  # already exists
+        (["--max-event-age", "0"], "retry.max_event_age"),
     ],
 )
 async def test_triggers_add_rejects_bad_values_in_one_line(
@@ -321,6 +337,24 @@ async def test_replay_with_the_current_policy(dsn: str, conn: asyncpg.Connection
     assert await conn.fetchval("SELECT max_attempts FROM dispatcher.outbox") == 8
 
 
+async def test_replay_park_on_follows_the_policy_chosen(dsn: str, conn: asyncpg.Connection) -> None:
+    t = await add_trigger(conn, "welcome", retry=RetryPolicy(park_on={"permission_denied"}))
+    snapshot = SNAPSHOT_POLICY | {"park_on": ["target_not_found"]}
+    first = await dead_letter(conn, trigger_id=t, policy=snapshot)
+    second = await dead_letter(conn, trigger_id=t, policy=snapshot)
+    original = await ok_json("dead-letters", "replay", "--dsn", dsn, str(first))
+    current = await ok_json(
+        "dead-letters", "replay", "--dsn", dsn, str(second), "--policy", "current"
+    )
+    assert original["replayed"][0]["policy"]["park_on"] == ["target_not_found"]
+    assert current["replayed"][0]["policy"]["park_on"] == ["permission_denied"]
+    stored = dict(await conn.fetch("SELECT event_id::text, park_on FROM dispatcher.outbox"))
+    assert {k: list(v) for k, v in stored.items()} == {
+        original["replayed"][0]["event_id"]: ["target_not_found"],
+        current["replayed"][0]["event_id"]: ["permission_denied"],
+    }
+
+
 async def test_bulk_actions_refuse_an_empty_selection(dsn: str, conn: asyncpg.Connection) -> None:
     await seed(conn)
     for action in ("replay", "discard"):
@@ -402,6 +436,8 @@ BAD_USAGE: list[tuple[list[str], str]] = [
     (["dead-letters", "replay", "--policy", "newest", "--all"], "--policy"),
     (["abandoned", "list", "--since", "1 hour"], "--since"),
     (["triggers", "enable", "x"], "TRIGGER_ID"),
+    (["triggers", "add", "--park-on", "timeout"], "--park-on"),
+    (["triggers", "add", "--max-event-age", "soon"], "--max-event-age"),
 ]
 
 

@@ -586,3 +586,33 @@ async def test_invoke_answers_503_when_the_gate_is_full(dsn: str, conn: asyncpg.
     assert busy.error.kind == "gate_saturated"
     assert (ok.status, ok.result) == (200, 1)
     assert await table(conn, "outbox") == []
+
+
+async def test_fan_out_recursion_stops_at_the_per_root_budget(
+    dsn: str, conn: asyncpg.Connection
+) -> None:
+    handlers = HandlerRegistry()
+    runs: list[int] = []
+
+    @handlers.handler("split")
+    async def split(ctx: HandlerContext) -> None:
+        runs.append(ctx.depth)
+        key = str(ctx.event["key"])
+        # Each execution writes two keys its own trigger matches: 2^depth rows per level.
+        await ctx.kv.put("users", f"{key}/a", 1)
+        await ctx.kv.put("users", f"{key}/b", 1)
+
+    await trigger(conn, "split", "split")
+    await put(conn, "users/root")
+    config = DispatcherConfig(
+        poll_interval=0.05, max_trigger_depth=8, max_executions_per_root=20, breaker_threshold=0
+    )
+    stats = await Dispatcher(dsn, handlers, config=config).run_until_idle(include_scheduled=True)
+    # Without the budget: 2^9 - 1 = 511 executions. With it: the root plus 20 descendants.
+    assert len(runs) == 21
+    assert stats.budget_exceeded > 0
+    assert stats.depth_exceeded == 0
+    assert await table(conn, "dead_letters") == []
+    assert await table(conn, "outbox") == []
+    # The KV writes themselves went through; only their trigger rows were held back.
+    assert await conn.fetchval("SELECT count(*) FROM dispatcher.kv") > 21
