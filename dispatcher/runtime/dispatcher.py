@@ -545,7 +545,17 @@ class Dispatcher:
         # JIT compiling a claim costs far more than running it (hundreds of ms against a
         # millisecond), and the planner's cost estimates for tiny control tables can cross
         # jit_above_cost: keep it off for the dispatcher's own sessions.
-        return {"application_name": application_name, "jit": "off"}
+        #
+        # synchronous_commit=off for the dispatcher's own writes (claims, settlements,
+        # handler KV writes): a server crash can lose only the last ~200 ms of them, always
+        # a suffix in commit order, and losing any of them only makes a row run again,
+        # which at-least-once delivery allows. Producers' emits keep the server's setting:
+        # they commit in the host's transaction, on the host's connection.
+        return {
+            "application_name": application_name,
+            "jit": "off",
+            "synchronous_commit": "off",
+        }
 
     def _db_ok(self) -> None:
         if self._consecutive_failures:
