@@ -221,8 +221,11 @@ class FlowControl:
         ]
 
     async def reset_breaker(self, conn: Connection, trigger_id: int) -> bool:
-        """Close a breaker by hand (its held rows become claimable at their due time)."""
-        return await conn.fetchval(queries(self.schema).reset_breaker, trigger_id) is not None
+        """Close a breaker by hand and make the rows it held due now (retries backing off
+        keep their time); returns whether the trigger had a breaker."""
+        row = await conn.fetchrow(admin_queries(self.schema).reset_breaker, trigger_id)
+        assert row is not None  # an aggregate query always returns one row
+        return bool(row["reset"])
 
 
 def _check_limit(limit: int) -> None:

@@ -520,13 +520,6 @@ class Sql:
             FROM {s}.breakers b LEFT JOIN {s}.triggers t ON t.id = b.trigger_id
             WHERE b.state <> 'closed' OR b.failures > 0
             ORDER BY b.updated_at DESC"""
-        self.reset_breaker = f"""
-            UPDATE {s}.breakers
-            SET state = 'closed', failures = 0, probe_id = NULL, open_until = NULL,
-                updated_at = clock_timestamp()
-            WHERE trigger_id = $1
-            RETURNING trigger_id"""
-
         # The single-mutation form of emit: no arrays to unnest, the key's prefixes passed
         # in ($9), the same matching and the same all-or-nothing fan-out cap.
         self.emit_one = f"""

@@ -208,6 +208,39 @@ class AdminSql:
                     AND ($2::text IS NULL OR scope = $2)
                 ORDER BY id LIMIT $3) AS x"""
 
+        # Close a breaker by hand ($1: trigger id) and release the rows it held. Opening a
+        # breaker moved the trigger's waiting rows to due_at = open_until
+        # (Sql.hold_behind_breaker); left there they would wait out the cool-down anyway.
+        # Rows due later than that (retries backing off) keep their time; claimed and parked
+        # rows are not touched. All CTEs see one snapshot: `old` reads (and locks) the
+        # breaker as it was before the reset.
+        self.reset_breaker = f"""
+            WITH old AS (
+                SELECT trigger_id, open_until FROM {s}.breakers WHERE trigger_id = $1
+                FOR UPDATE
+            ),
+            reset AS (
+                UPDATE {s}.breakers b
+                SET state = 'closed', failures = 0, probe_id = NULL, open_until = NULL,
+                    updated_at = clock_timestamp()
+                FROM old
+                WHERE b.trigger_id = old.trigger_id
+                RETURNING b.trigger_id
+            ),
+            released AS (
+                UPDATE {s}.outbox o
+                SET due_at = clock_timestamp()
+                FROM old
+                WHERE o.trigger_id = old.trigger_id AND o.due_at = old.open_until
+                    AND o.lease_token IS NULL AND o.parked_at IS NULL
+                RETURNING o.id
+            )
+            SELECT (SELECT count(*) FROM reset) AS reset,
+                (SELECT count(*) FROM released) AS released,
+                (SELECT count(*) FROM (
+                    SELECT pg_notify('{self.channel}', '') FROM released LIMIT 1) AS w)
+                    AS notified"""
+
         # --- status ---
         # One statement, so every number, pause and breaker comes from the same snapshot and
         # the same instant of the database clock. A claimed row's due_at is its lease

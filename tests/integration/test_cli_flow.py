@@ -24,6 +24,7 @@ from dispatcher import (
     HandlerRegistry,
     Mutation,
     Op,
+    RetryPolicy,
     emit_many,
 )
 from dispatcher.core.errors import TriggerNotFound
@@ -415,24 +416,68 @@ async def test_breakers_list_and_reset(dsn: str, conn: asyncpg.Connection) -> No
     assert [b["trigger_id"] for b in await ok_json("breakers", "list", "--dsn", dsn)] == [billing]
 
 
-async def test_reset_lets_a_dispatcher_claim_the_held_rows(
+async def test_reset_releases_the_rows_an_opened_breaker_held(
     dsn: str, conn: asyncpg.Connection
 ) -> None:
     handlers = HandlerRegistry()
+    healthy = False
     seen: list[str] = []
 
     @handlers.handler("run_welcome")
     async def welcome(ctx: HandlerContext) -> None:
+        if not healthy:
+            raise ConnectionError("smtp down")
         seen.append(str(ctx.event["key"]))
 
-    t = await add_trigger(conn, "welcome")
-    await set_breaker(conn, t, state="open", failures=3, open_for=3600, opened_count=1)
-    await put(conn, "users/1", "users/2")
-    await Dispatcher(dsn, handlers, config=FAST).run_until_idle()
-    assert seen == []  # held by the open breaker
+    fast = RetryPolicy(base_delay=0, max_delay=0, jitter=0, max_attempts=50)
+    await add_trigger(conn, "welcome", retry=fast)
+    await put(conn, *[f"users/{i}" for i in range(5)])
+    config = DispatcherConfig(
+        poll_interval=0.05, concurrency=1, breaker_threshold=3, breaker_cooldown=3600
+    )
+    stats = await Dispatcher(dsn, handlers, config=config).run_until_idle()
+    assert stats.breakers_opened == 1
+    [breaker] = await ok_json("breakers", "list", "--dsn", dsn)
+    assert breaker["state"] == "open"
+    # The opening moved the waiting rows to the end of the hour-long cool-down.
+    held = "SELECT count(*) FROM dispatcher.outbox WHERE due_at > clock_timestamp() + '50 min'"
+    assert await conn.fetchval(held) == 5
+
+    healthy = True
     await ok("breakers", "reset", "--dsn", dsn, "acme/welcome")
-    await Dispatcher(dsn, handlers, config=FAST).run_until_idle()
-    assert sorted(seen) == ["users/1", "users/2"]
+    assert await conn.fetchval(held) == 0
+    await Dispatcher(dsn, handlers, config=config).run_until_idle()
+    assert sorted(seen) == [f"users/{i}" for i in range(5)]
+    assert await ok_json("breakers", "list", "--dsn", dsn) == []
+
+
+async def test_reset_moves_only_the_held_rows(conn: asyncpg.Connection) -> None:
+    t = await add_trigger(conn, "welcome", key_pattern="users/w*")
+    other = await add_trigger(conn, "other", key_pattern="users/o*")
+    await set_breaker(conn, t, state="open", failures=0, open_for=600, opened_count=1)
+    held, later, leased, parked_row = await enqueue(
+        conn, "users/w1", "users/w2", "users/w3", "users/w4"
+    )
+    [other_row] = await enqueue(conn, "users/o1")
+    until = "(SELECT open_until FROM dispatcher.breakers WHERE trigger_id = $2)"
+    for row, extra in ((held, ""), (leased, ", lease_token = gen_random_uuid()"), (other_row, "")):
+        await conn.execute(
+            f"UPDATE dispatcher.outbox SET due_at = {until}{extra} WHERE id = $1", row, t
+        )
+    await conn.execute(
+        "UPDATE dispatcher.outbox SET due_at = clock_timestamp() + '2 hours' WHERE id = $1", later
+    )
+    await park(conn, parked_row)
+    due_times = "SELECT id, due_at FROM dispatcher.outbox"
+    before = dict(await conn.fetch(due_times))
+
+    assert await FlowControl().reset_breaker(conn, t)
+    after = dict(await conn.fetch(due_times))
+    assert {i for i in before if after[i] != before[i]} == {held}
+    assert after[held] <= await conn.fetchval("SELECT clock_timestamp()")
+    breaker = await conn.fetchrow("SELECT * FROM dispatcher.breakers WHERE trigger_id = $1", t)
+    assert (breaker["state"], breaker["open_until"]) == ("closed", None)
+    assert not await FlowControl().reset_breaker(conn, other)  # it never had a breaker
 
 
 # --- the API under the commands ---
