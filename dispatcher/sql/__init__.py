@@ -94,29 +94,28 @@ class Sql:
         # of a transaction into one).
         self.emit = f"""
             WITH mu AS (
+                -- payload parsed once per mutation, not once per matching trigger
                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[],
-                    $5::text[], $6::text[], $7::int[])
+                    $5::text[], $6::jsonb[], $7::int[])
                     WITH ORDINALITY AS u(event_id, scope, namespace, key, op, payload, depth, ord)
             ),
             m AS MATERIALIZED (
                 SELECT mu.ord, mu.event_id, mu.payload, mu.depth, t.*
                 FROM mu CROSS JOIN LATERAL (
                     SELECT t.id AS trigger_id, t.scope, t.name AS trigger_name, t.target,
-                        t.registered_by, {_T_POLICY}
+                        t.registered_by, {_T_POLICY}, count(*) OVER () AS n
                     FROM {s}.triggers t
                     WHERE {_MATCH}
                     LIMIT $8 + 1
                 ) t
             ),
             over AS (
-                SELECT ord, count(*) AS n FROM m GROUP BY ord HAVING count(*) > $8
-                ORDER BY ord LIMIT 1
+                SELECT ord, n FROM m WHERE n > $8 ORDER BY ord LIMIT 1
             ),
             ins AS (
                 INSERT INTO {s}.outbox (event_id, payload, depth, {_SNAPSHOT})
-                SELECT event_id, payload::jsonb, depth, {_SNAPSHOT}
+                SELECT event_id, payload, depth, {_SNAPSHOT}
                 FROM m WHERE NOT EXISTS (SELECT 1 FROM over)
-                ORDER BY ord, trigger_id
                 ON CONFLICT (event_id, trigger_id) DO NOTHING
                 RETURNING id, event_id, trigger_id
             )
