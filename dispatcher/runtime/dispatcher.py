@@ -23,10 +23,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
+from typing import TypeAlias
 
 import anyio
 import asyncpg
 from anyio.abc import TaskStatus
+from asyncpg.pool import PoolConnectionProxy
 
 from dispatcher.core.errors import InvalidInput
 from dispatcher.core.models import BackoffKind, JsonValue, Mutation, Op, RetryPolicy
@@ -62,6 +64,8 @@ from dispatcher.sql import queries
 from dispatcher.triggers import TriggerRegistry
 
 log = logging.getLogger("dispatcher")
+
+PoolConnection: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
 
 # Failures of the database or the connection to it: never a handler failure, never an
 # attempt consumed; the loop backs off and reconnects.
@@ -306,6 +310,8 @@ class Dispatcher:
             redactor=self._redactor,
         )
         self._pool: asyncpg.Pool | None = None
+        self._claim_conn: PoolConnection | None = None
+        self._settle_conn: PoolConnection | None = None
         # Executions are plain asyncio tasks (asyncpg ties the dispatcher to asyncio anyway):
         # spawning one per row through a task group costs more than a no-op handler.
         self._tasks: set[asyncio.Task[None]] = set()
@@ -393,7 +399,9 @@ class Dispatcher:
                 services.start_soon(self._settle_loop)
                 if self.config.listen:
                     services.start_soon(self._listen_loop)
-                if self.config.backlog_interval > 0:
+                if self.config.backlog_interval > 0 and not isinstance(self.recorder, NullRecorder):
+                    # Only for a recorder that uses it: an idle dispatcher should cost one
+                    # claim per poll interval and nothing else.
                     services.start_soon(self._sample_backlog)
                 if self.config.max_executions_per_root is not None:
                     services.start_soon(self._expire_root_budgets)
@@ -416,6 +424,8 @@ class Dispatcher:
                 if self._pool is not None:
                     with anyio.move_on_after(max(self.config.grace_period, 5.0)):
                         await self._drain_settlements()
+                    await self._drop_connection("_claim_conn")
+                    await self._drop_connection("_settle_conn")
                     await self._pool.close()
                 self._pool = None
                 self._kv_session = None
@@ -507,7 +517,9 @@ class Dispatcher:
                 self._pool = await asyncpg.create_pool(
                     self._dsn,
                     min_size=2,
-                    max_size=self.config.pool_size,
+                    # pool_size for handler writes, sync calls and sampling, plus the
+                    # poller's and the settler's own connections.
+                    max_size=self.config.pool_size + 2,
                     server_settings=self._session_settings(self.config.application_name),
                 )
                 guard = None if self.config.max_executions_per_root is None else self._root_budget
@@ -591,6 +603,27 @@ class Dispatcher:
                 self._wake = anyio.Event()
                 await self._wake.wait()
 
+    # The poller and the settler each keep one connection from the pool for as long as it
+    # works: acquiring per statement would add the pool's reset query to every round trip.
+    async def _claim_connection(self) -> PoolConnection:
+        if self._claim_conn is None:
+            assert self._pool is not None
+            self._claim_conn = await self._pool.acquire()
+        return self._claim_conn
+
+    async def _settle_connection(self) -> PoolConnection:
+        if self._settle_conn is None:
+            assert self._pool is not None
+            self._settle_conn = await self._pool.acquire()
+        return self._settle_conn
+
+    async def _drop_connection(self, name: str) -> None:
+        conn: PoolConnection | None = getattr(self, name)
+        setattr(self, name, None)
+        if conn is not None and self._pool is not None:
+            with anyio.CancelScope(shield=True), contextlib.suppress(*DB_ERRORS):
+                await self._pool.release(conn, timeout=5)
+
     def _is_stopping(self) -> bool:
         # A method, not the attribute: the flag flips while this task awaits.
         return self._stopping
@@ -629,7 +662,8 @@ class Dispatcher:
             self._claiming = True
             started = time.perf_counter()
             try:
-                records = await self._pool.fetch(
+                conn = await self._claim_connection()
+                records = await conn.fetch(
                     self._sql.claim,
                     want,
                     uuid.uuid4(),
@@ -639,6 +673,7 @@ class Dispatcher:
             except DB_ERRORS as exc:
                 self._claiming = False
                 self._notify_progress()
+                await self._drop_connection("_claim_conn")
                 delay = await self._db_failed(exc, delay)
                 continue
             delay = cfg.reconnect_min
@@ -773,12 +808,13 @@ class Dispatcher:
             batch, self._pending = self._pending, []
             self._settling = True
             try:
-                async with self._pool.acquire() as conn:
-                    await self._applier.apply(conn, batch)
+                conn = await self._settle_connection()
+                await self._applier.apply(conn, batch)
                 delay = self.config.reconnect_min
             except DB_ERRORS as exc:
                 self._pending = batch + self._pending
                 self._settling = False
+                await self._drop_connection("_settle_conn")
                 if self._stopping and self._consecutive_failures > 50:
                     log.error(
                         "giving up on final writes; leases will expire",

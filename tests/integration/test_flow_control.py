@@ -295,3 +295,27 @@ async def test_expired_event_dead_letters_with_reason_expired(
     )
     [dead] = await conn.fetch("SELECT * FROM dispatcher.dead_letters")
     assert (dead["reason"], dead["attempts"]) == ("expired", 0)
+
+
+async def test_scattered_failures_among_successes_do_not_open_the_breaker(
+    dsn: str, conn: asyncpg.Connection
+) -> None:
+    handlers = HandlerRegistry()
+
+    @handlers.handler("mostly_ok")
+    async def mostly_ok(ctx: HandlerContext) -> None:
+        # Every tenth event fails once: many failures per settle batch, never three in a row.
+        value = ctx.event["value"]
+        assert isinstance(value, int)
+        if value % 10 == 0 and ctx.attempt == 1:
+            raise ConnectionError("blip")
+
+    await trigger(conn, "mostly", "mostly_ok")
+    await put(conn, "mostly", 300)
+    config = DispatcherConfig(poll_interval=0.05, batch_size=300, concurrency=300)
+    stats = await Dispatcher(dsn, handlers, config=config).run_until_idle(
+        include_scheduled=True, time_limit=30
+    )
+    assert stats.succeeded == 300
+    assert stats.retried == 30
+    assert stats.breakers_opened == 0
