@@ -69,6 +69,12 @@ def sanitize_json(
     >>> sanitize_json({"n": float("nan"), 1: (2**70, b"\\x00")})
     {'n': None, '1': ['1180591620717411303424', "b'\\\\x00'"]}
     """
+    # Most handlers return nothing or a scalar: answer those without building a walk
+    # (this runs once per execution).
+    if value is None or type(value) is bool:
+        return value
+    if type(value) is int and _INT_MIN <= value <= _INT_MAX:
+        return value
     _check_limit("text_limit", text_limit)
     _check_limit("depth_limit", depth_limit, maximum=MAX_DEPTH_LIMIT)
     _check_limit("item_limit", item_limit)

@@ -905,14 +905,10 @@ class Dispatcher:
                 await self._wait_progress()
 
 
-def _root_of(payload: Mapping[str, JsonValue], event_id: uuid.UUID) -> uuid.UUID:
+def _root_of(payload: Mapping[str, JsonValue], event_id: uuid.UUID) -> uuid.UUID | str:
     root = payload.get("root")
-    if isinstance(root, str):
-        try:
-            return uuid.UUID(root)
-        except ValueError:
-            pass
-    return event_id
+    # Left as text: the handle parses it on the first write, and most executions write nothing.
+    return root if isinstance(root, str) else event_id
 
 
 def _set_event(event: anyio.Event, *_: object) -> None:

@@ -86,7 +86,7 @@ class KvHandle:
         scope: str,
         depth: int,
         idempotency_key: str,
-        root: uuid.UUID,
+        root: uuid.UUID | str,
     ) -> None:
         self.__session = session
         self.__scope = scope
@@ -94,6 +94,17 @@ class KvHandle:
         self.__key = idempotency_key
         self.__root = root
         self.__seq = 0
+
+    def _root(self) -> uuid.UUID:
+        # Parsed on the first write only: most executions write nothing.
+        root = self.__root
+        if isinstance(root, str):
+            try:
+                root = uuid.UUID(root)
+            except ValueError:  # a hand-written row: still one stable id per root text
+                root = uuid.uuid5(uuid.NAMESPACE_URL, f"dispatcher-root:{root}")
+            self.__root = root
+        return root
 
     def _next_event_id(self) -> uuid.UUID:
         self.__seq += 1
@@ -107,12 +118,12 @@ class KvHandle:
             value,
             self.__depth + 1,
             self._next_event_id(),
-            self.__root,
+            self._root(),
         )
 
     async def delete(self, namespace: str, key: str) -> KvWrite:
         return await self.__session.delete(
-            self.__scope, namespace, key, self.__depth + 1, self._next_event_id(), self.__root
+            self.__scope, namespace, key, self.__depth + 1, self._next_event_id(), self._root()
         )
 
     async def get(self, namespace: str, key: str) -> KvEntry | None:
