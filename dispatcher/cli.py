@@ -225,6 +225,23 @@ def run(
     finally:
         if metrics_server is not None:
             metrics_server.close()
+    _exit_past_abandoned_threads(executor)
+
+
+def _exit_past_abandoned_threads(executor: object) -> None:
+    """Threads of blocking handlers that outlived their time limit cannot be stopped, and
+    interpreter shutdown would join them (an hour-long sleep keeps the process an hour).
+    The dispatcher has written everything by now, so leave without waiting for them."""
+    running = getattr(executor, "threads_running", 0)
+    if isinstance(running, int) and running > 0:
+        logging.getLogger("dispatcher").warning(
+            "exiting with abandoned handler threads still running",
+            extra={"event": "dispatcher.threads_left", "threads": running},
+        )
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 async def _stop_on_signals(dispatcher: Dispatcher, scope: anyio.CancelScope) -> None:

@@ -60,7 +60,14 @@ class LimitExceeded(DispatcherError):
 
 
 def _preview(value: object, limit: int = 80) -> str:
-    text = repr(value)
+    # Never raises: repr of a huge int fails past sys.get_int_max_str_digits(), and a
+    # hostile object's __repr__ may raise anything.
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"<integer of {value.bit_length()} bits>"
+    try:
+        text = repr(value)
+    except Exception:
+        return f"<{type(value).__name__}>"
     if len(text) > limit:
         return text[: limit - 3] + "..."
     return text

@@ -48,7 +48,13 @@ from dispatcher.db import Connection
 from dispatcher.emit import Emitter, Enqueued, encode_event
 from dispatcher.kv import EmitGuard, KvEntry, KvStore, KvWrite
 from dispatcher.runtime.gate import ExecutionGate
-from dispatcher.runtime.handlers import Executor, HandlerContext, KvHandle
+from dispatcher.runtime.handlers import (
+    Executor,
+    HandlerContext,
+    KvHandle,
+    close_session,
+    open_session,
+)
 from dispatcher.runtime.inbox import InProcessInbox, InvokeResult
 from dispatcher.runtime.principals import PrincipalResolver, RegisteredByResolver
 from dispatcher.runtime.settle import (
@@ -74,6 +80,9 @@ DB_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    # What asyncpg raises when the server ends a connection mid-statement and the next
+    # statement finds the protocol still busy ("cannot switch to state …").
+    asyncpg.InternalClientError,
 )
 
 
@@ -316,7 +325,7 @@ class Dispatcher:
         # spawning one per row through a task group costs more than a no-op handler.
         self._tasks: set[asyncio.Task[None]] = set()
         self._accepting = False
-        self._kv_session: _PoolKv | None = None
+        self._kv_session: int | None = None
         self._phase = Phase.STOPPED
         self._running = False
         self._stopping = False
@@ -422,12 +431,17 @@ class Dispatcher:
             with anyio.CancelScope(shield=True):
                 await self._cancel_executions()
                 if self._pool is not None:
+                    if self._pending:
+                        # An abort may have cut a statement short: settle on fresh
+                        # connections.
+                        await self._drop_connections()
                     with anyio.move_on_after(max(self.config.grace_period, 5.0)):
                         await self._drain_settlements()
-                    await self._drop_connection("_claim_conn")
-                    await self._drop_connection("_settle_conn")
+                    await self._drop_connections()
                     await self._pool.close()
                 self._pool = None
+                if self._kv_session is not None:
+                    close_session(self._kv_session)
                 self._kv_session = None
             self._phase = Phase.STOPPED
             self._running = False
@@ -523,7 +537,7 @@ class Dispatcher:
                     server_settings=self._session_settings(self.config.application_name),
                 )
                 guard = None if self.config.max_executions_per_root is None else self._root_budget
-                self._kv_session = _PoolKv(self._pool, KvStore(self._emitter), guard)
+                self._kv_session = open_session(_PoolKv(self._pool, KvStore(self._emitter), guard))
                 self._db_ok()
                 return
             except DB_ERRORS as exc:
@@ -606,12 +620,16 @@ class Dispatcher:
     # The poller and the settler each keep one connection from the pool for as long as it
     # works: acquiring per statement would add the pool's reset query to every round trip.
     async def _claim_connection(self) -> PoolConnection:
+        if self._claim_conn is not None and _closed(self._claim_conn):
+            await self._drop_connection("_claim_conn")
         if self._claim_conn is None:
             assert self._pool is not None
             self._claim_conn = await self._pool.acquire()
         return self._claim_conn
 
     async def _settle_connection(self) -> PoolConnection:
+        if self._settle_conn is not None and _closed(self._settle_conn):
+            await self._drop_connection("_settle_conn")
         if self._settle_conn is None:
             assert self._pool is not None
             self._settle_conn = await self._pool.acquire()
@@ -620,9 +638,20 @@ class Dispatcher:
     async def _drop_connection(self, name: str) -> None:
         conn: PoolConnection | None = getattr(self, name)
         setattr(self, name, None)
-        if conn is not None and self._pool is not None:
-            with anyio.CancelScope(shield=True), contextlib.suppress(*DB_ERRORS):
-                await self._pool.release(conn, timeout=5)
+        if conn is None or self._pool is None:
+            return
+        # After a database error the protocol may be wedged mid-statement: close it hard
+        # rather than let the pool try to reset it.
+        with contextlib.suppress(Exception):
+            conn.terminate()
+        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+            await self._pool.release(conn, timeout=5)
+
+    async def _drop_connections(self) -> None:
+        # One outage breaks both kept connections: replace both, so the second loop does
+        # not report the same outage again when it next uses its dead one.
+        await self._drop_connection("_claim_conn")
+        await self._drop_connection("_settle_conn")
 
     def _is_stopping(self) -> bool:
         # A method, not the attribute: the flag flips while this task awaits.
@@ -673,7 +702,7 @@ class Dispatcher:
             except DB_ERRORS as exc:
                 self._claiming = False
                 self._notify_progress()
-                await self._drop_connection("_claim_conn")
+                await self._drop_connections()
                 delay = await self._db_failed(exc, delay)
                 continue
             delay = cfg.reconnect_min
@@ -811,10 +840,15 @@ class Dispatcher:
                 conn = await self._settle_connection()
                 await self._applier.apply(conn, batch)
                 delay = self.config.reconnect_min
+            except asyncio.CancelledError:
+                # Aborted mid-batch: keep the outcomes for the final drain (a batch that had
+                # committed is fenced, so applying it again changes nothing).
+                self._pending = batch + self._pending
+                raise
             except DB_ERRORS as exc:
                 self._pending = batch + self._pending
                 self._settling = False
-                await self._drop_connection("_settle_conn")
+                await self._drop_connections()
                 if self._stopping and self._consecutive_failures > 50:
                     log.error(
                         "giving up on final writes; leases will expire",
@@ -909,6 +943,13 @@ def _root_of(payload: Mapping[str, JsonValue], event_id: uuid.UUID) -> uuid.UUID
     root = payload.get("root")
     # Left as text: the handle parses it on the first write, and most executions write nothing.
     return root if isinstance(root, str) else event_id
+
+
+def _closed(conn: PoolConnection) -> bool:
+    try:
+        return conn.is_closed()
+    except asyncpg.InterfaceError:  # a proxy the pool already took back
+        return True
 
 
 def _set_event(event: anyio.Event, *_: object) -> None:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import heapq
 import inspect
+import itertools
 import threading
 import traceback
 import uuid
@@ -70,6 +71,31 @@ class KvSession(Protocol):
     async def get(self, scope: str, namespace: str, key: str) -> KvEntry | None: ...
 
 
+# Sessions live here, out of every handler's reach: a KvHandle holds only a number. Walking
+# a context's attributes (a debugger dump, a "log everything" helper, a hostile script)
+# therefore never arrives at the dispatcher's pool or the credentials in its connect args.
+# In-process handlers are still not sandboxed: run untrusted code out of process.
+_SESSIONS: dict[int, KvSession] = {}
+_SESSION_IDS = itertools.count(1)
+
+
+def open_session(session: KvSession) -> int:
+    key = next(_SESSION_IDS)
+    _SESSIONS[key] = session
+    return key
+
+
+def close_session(key: int) -> None:
+    _SESSIONS.pop(key, None)
+
+
+def _session(key: int) -> KvSession:
+    try:
+        return _SESSIONS[key]
+    except KeyError:
+        raise RuntimeError("this handler context's dispatcher has stopped") from None
+
+
 class KvHandle:
     """KV access for a handler: confined to the trigger's scope, writes emit at depth + 1.
 
@@ -82,7 +108,7 @@ class KvHandle:
 
     def __init__(
         self,
-        session: KvSession,
+        session: int,
         scope: str,
         depth: int,
         idempotency_key: str,
@@ -111,7 +137,7 @@ class KvHandle:
         return uuid.uuid5(uuid.NAMESPACE_URL, f"dispatcher:{self.__key}:{self.__seq}")
 
     async def put(self, namespace: str, key: str, value: JsonValue) -> KvWrite:
-        return await self.__session.put(
+        return await _session(self.__session).put(
             self.__scope,
             namespace,
             key,
@@ -122,12 +148,12 @@ class KvHandle:
         )
 
     async def delete(self, namespace: str, key: str) -> KvWrite:
-        return await self.__session.delete(
+        return await _session(self.__session).delete(
             self.__scope, namespace, key, self.__depth + 1, self._next_event_id(), self._root()
         )
 
     async def get(self, namespace: str, key: str) -> KvEntry | None:
-        return await self.__session.get(self.__scope, namespace, key)
+        return await _session(self.__session).get(self.__scope, namespace, key)
 
 
 @dataclass(frozen=True, slots=True)

@@ -234,11 +234,20 @@ class Sql:
                 RETURNING b.trigger_id
             ),
             was AS (
-                SELECT trigger_id, state FROM {s}.breakers
+                SELECT trigger_id, state, open_until FROM {s}.breakers
                 WHERE trigger_id IN (SELECT trigger_id FROM closed) AND state <> 'closed'
+            ),
+            -- Rows the breaker had moved to its reopen time run now that it is closed.
+            freed AS (
+                UPDATE {s}.outbox o SET due_at = clock_timestamp()
+                FROM was
+                WHERE o.trigger_id = was.trigger_id AND o.due_at = was.open_until
+                    AND o.lease_token IS NULL AND o.parked_at IS NULL
+                RETURNING o.id
             )
             SELECT (SELECT coalesce(array_agg(id), '{{}}') FROM d) AS deleted,
                 (SELECT count(*) FROM unparked) AS unparked,
+                (SELECT count(*) FROM freed) AS freed,
                 (SELECT coalesce(array_agg(trigger_id), '{{}}') FROM was) AS breakers_closed,
                 (SELECT count(*) FROM (
                     SELECT pg_notify('{self.channel}', '') FROM unparked LIMIT 1) AS w)
