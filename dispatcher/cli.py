@@ -116,8 +116,8 @@ def _load_object(spec: str) -> object:
     required=True,
     help="module:attribute of a HandlerRegistry (or any Executor), e.g. myapp.jobs:handlers.",
 )
-@click.option("--concurrency", default=100, show_default=True, help="Execution gate size.")
-@click.option("--batch-size", default=100, show_default=True, help="Most rows per claim.")
+@click.option("--concurrency", default=400, show_default=True, help="Execution gate size.")
+@click.option("--batch-size", default=200, show_default=True, help="Most rows per claim.")
 @click.option("--poll-interval", default=0.1, show_default=True, help="Seconds between polls.")
 @click.option("--grace-period", default=10.0, show_default=True, help="Seconds to finish work.")
 @click.option("--max-depth", default=8, show_default=True, help="Trigger depth limit.")

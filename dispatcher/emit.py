@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +26,23 @@ from dispatcher.sql import queries
 
 DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024
 DEFAULT_MAX_FANOUT = 100
+DEFAULT_NOTIFY_INTERVAL = 0.002
+
+# Per process and channel: when the last wake-up hint was sent (monotonic seconds).
+_LAST_NOTIFY: dict[str, float] = {}
+
+
+def _should_notify(channel: str, interval: float) -> bool:
+    """At most one hint per ``interval`` from this process: a notifying commit takes a
+    database-wide lock until its WAL is flushed, so a hint per transaction would make
+    concurrent producers commit one at a time. A dispatcher woken by a hint polls again
+    shortly after, which picks up rows whose hint was skipped."""
+    now = time.monotonic()
+    if now - _LAST_NOTIFY.get(channel, -1e9) < interval:
+        return False
+    _LAST_NOTIFY[channel] = now
+    return True
+
 
 # An escaped NUL in JSON text, not preceded by an escaping backslash: Postgres' jsonb cannot
 # store U+0000.
@@ -82,6 +100,8 @@ class Emitter:
     schema: str = DEFAULT_SCHEMA
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
     max_fanout: int = DEFAULT_MAX_FANOUT
+    # Seconds between wake-up hints from this process (0: one per emitting transaction).
+    notify_interval: float = DEFAULT_NOTIFY_INTERVAL
 
     async def emit(self, conn: Connection, mutation: Mutation) -> list[Enqueued]:
         """Enqueue one row per matching enabled trigger of the mutation's scope."""
@@ -99,6 +119,7 @@ class Emitter:
             mutation.depth,
             self.max_fanout,
             key_prefixes(mutation.key),
+            _should_notify(self.schema, self.notify_interval),
         )
         assert row is not None  # an aggregate query always returns one row
         if row["matched"] > self.max_fanout:
@@ -136,6 +157,7 @@ class Emitter:
             payloads,
             [m.depth for m in mutations],
             self.max_fanout,
+            _should_notify(self.schema, self.notify_interval),
         )
         assert row is not None  # an aggregate query always returns one row
         if row["over_ord"] is not None:

@@ -90,8 +90,10 @@ class Sql:
         # --- emit ---
         # One round trip for any number of mutations: match in SQL, enforce the fan-out cap
         # per mutation (nothing is inserted when any mutation exceeds it), insert with the
-        # policy snapshot, and send one wake-up hint (Postgres folds identical notifications
-        # of a transaction into one).
+        # policy snapshot, and send one wake-up hint when $9 says so (Postgres folds
+        # identical notifications of a transaction into one; the emitter debounces across
+        # transactions, because a notifying commit holds a database-wide lock until its WAL
+        # flush, which serialises concurrent producers).
         self.emit = f"""
             WITH mu AS (
                 -- payload parsed once per mutation, not once per matching trigger
@@ -127,7 +129,8 @@ class Sql:
                 (SELECT coalesce(array_agg(trigger_id ORDER BY id), '{{}}') FROM ins)
                     AS trigger_ids,
                 (SELECT count(*) FROM (
-                    SELECT pg_notify('{self.channel}', '') FROM ins LIMIT 1) AS w) AS notified
+                    SELECT pg_notify('{self.channel}', '') FROM ins WHERE $9 LIMIT 1) AS w)
+                    AS notified
             """
 
         # --- runtime: claim ---
@@ -561,7 +564,8 @@ class Sql:
                 ARRAY(SELECT id FROM ins ORDER BY id) AS ids,
                 ARRAY(SELECT trigger_id FROM ins ORDER BY id) AS trigger_ids,
                 (SELECT count(*) FROM (
-                    SELECT pg_notify('{self.channel}', '') FROM ins LIMIT 1) AS w) AS notified
+                    SELECT pg_notify('{self.channel}', '') FROM ins WHERE $10 LIMIT 1) AS w)
+                    AS notified
             """
 
         # --- per-root budgets (handler writes only) ---
