@@ -1,0 +1,85 @@
+-- Least-privilege roles for dispatcher.
+--
+-- Run as the role that owns dispatcher's schema (the one `dispatcher migrate` runs as), in
+-- the application's database, after `dispatcher migrate`:
+--
+--     psql "$OWNER_DATABASE_URL" -v ON_ERROR_STOP=1 -f docs/least_privilege.sql
+--
+-- It is idempotent: run it again after every `dispatcher migrate`, so that the grants match
+-- the tables and views of the current revision exactly. It creates three roles (without
+-- passwords; set them with `\password <role>` or your secrets tooling):
+--
+--   dispatcher_runtime   `dispatcher run` workers (and the admin commands: triggers,
+--                        dead-letters, flow control). Reads and writes dispatcher's tables;
+--                        reads its views and its migration history. No DDL anywhere.
+--   dispatcher_app       your application: what `emit` and `KvStore` touch, nothing else.
+--   dispatcher_readonly  dashboards and alert queries: SELECT on tables and views.
+--
+-- Nothing here grants CREATE on any schema, TRUNCATE, REFERENCES or TRIGGER, nor anything
+-- outside dispatcher's schema. PostgreSQL 15 and later no longer let every role create
+-- objects in `public`; on older servers also run `REVOKE CREATE ON SCHEMA public FROM
+-- PUBLIC` (it affects every role of the database, so it is left to you).
+--
+-- The schema is "dispatcher" (the default); for another one, replace the name in the
+-- `schema_name` lines below.
+
+DO $roles$
+DECLARE
+    role_name text;
+BEGIN
+    FOREACH role_name IN ARRAY ARRAY['dispatcher_runtime', 'dispatcher_app', 'dispatcher_readonly']
+    LOOP
+        IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = role_name) THEN
+            EXECUTE format(
+                'CREATE ROLE %I LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION '
+                'NOBYPASSRLS NOINHERIT',
+                role_name);
+        END IF;
+        EXECUTE format('GRANT CONNECT ON DATABASE %I TO %I', current_database(), role_name);
+    END LOOP;
+END
+$roles$;
+
+DO $grants$
+DECLARE
+    schema_name constant text := 'dispatcher';
+    rel record;
+BEGIN
+    -- Start from nothing, so that a re-run after a migration removes what no longer applies.
+    EXECUTE format('REVOKE ALL ON ALL TABLES IN SCHEMA %I FROM dispatcher_runtime, '
+                   'dispatcher_app, dispatcher_readonly', schema_name);
+    EXECUTE format('REVOKE ALL ON ALL SEQUENCES IN SCHEMA %I FROM dispatcher_runtime, '
+                   'dispatcher_app, dispatcher_readonly', schema_name);
+    EXECUTE format('REVOKE ALL ON SCHEMA %I FROM dispatcher_runtime, dispatcher_app, '
+                   'dispatcher_readonly', schema_name);
+    -- USAGE only: look up objects, never create them.
+    EXECUTE format('GRANT USAGE ON SCHEMA %I TO dispatcher_runtime, dispatcher_app, '
+                   'dispatcher_readonly', schema_name);
+
+    FOR rel IN
+        SELECT c.relname, c.relkind
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = schema_name AND c.relkind IN ('r', 'p', 'v', 'm')
+    LOOP
+        EXECUTE format('GRANT SELECT ON %I.%I TO dispatcher_runtime, dispatcher_readonly',
+                       schema_name, rel.relname);
+        -- Tables, except the migration history, which only `dispatcher migrate` writes.
+        IF rel.relkind IN ('r', 'p') AND rel.relname <> 'dispatcher_alembic_version' THEN
+            EXECUTE format('GRANT INSERT, UPDATE, DELETE ON %I.%I TO dispatcher_runtime',
+                           schema_name, rel.relname);
+        END IF;
+    END LOOP;
+
+    -- No sequence grants: dispatcher's ids are identity columns, which draw from their
+    -- sequences without USAGE on them (tests/chaos/test_least_privilege.py inserts into
+    -- every one of them as these roles).
+
+    -- emit: match triggers and insert outbox rows (its RETURNING reads back only the new
+    -- rows' ids, not other events' payloads). KvStore: the kv table.
+    EXECUTE format('GRANT SELECT ON %I.triggers TO dispatcher_app', schema_name);
+    EXECUTE format('GRANT INSERT, SELECT (id, event_id, trigger_id) ON %I.outbox '
+                   'TO dispatcher_app', schema_name);
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %I.kv TO dispatcher_app',
+                   schema_name);
+END
+$grants$;
