@@ -34,6 +34,7 @@ from dispatcher.db import Connection
 from dispatcher.flow import Breaker, Pause
 from dispatcher.schema import DEFAULT_SCHEMA, check_schema_name
 from dispatcher.sql.admin import ACTIONABLE, FILTER_PARAMS, FINAL, admin_queries
+from dispatcher.triggers import policy_from_record
 
 ReplayPolicy: TypeAlias = Literal["original", "current"]
 
@@ -739,17 +740,7 @@ def _plan_replay(rows: Sequence[asyncpg.Record], policy: ReplayPolicy) -> _Plan:
 
 
 def _current_policy(r: asyncpg.Record) -> tuple[RetryPolicy, float]:
-    retry = RetryPolicy(
-        kind=BackoffKind(r["retry_kind"]),
-        base_delay=r["retry_base_delay"],
-        factor=r["retry_factor"],
-        max_delay=r["retry_max_delay"],
-        jitter=r["retry_jitter"],
-        max_attempts=r["max_attempts"],
-        max_event_age=r["max_event_age"],
-        park_on=frozenset(r["park_on"]),
-    )
-    return retry, float(r["timeout"])
+    return policy_from_record(r), float(r["timeout"])
 
 
 def _snapshot_policy(text: str) -> tuple[RetryPolicy, float]:

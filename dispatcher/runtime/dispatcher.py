@@ -31,7 +31,7 @@ from anyio.abc import TaskStatus
 from asyncpg.pool import PoolConnectionProxy
 
 from dispatcher.core.errors import InvalidInput
-from dispatcher.core.models import BackoffKind, JsonValue, Mutation, Op, RetryPolicy
+from dispatcher.core.models import JsonValue, Mutation, Op, RetryPolicy
 from dispatcher.core.outcomes import (
     ClaimedRow,
     ExecutionResult,
@@ -67,7 +67,7 @@ from dispatcher.runtime.settle import (
 from dispatcher.runtime.stats import NullRecorder, Phase, Recorder, Stats, StatusSnapshot
 from dispatcher.schema import DEFAULT_SCHEMA
 from dispatcher.sql import queries
-from dispatcher.triggers import TriggerRegistry
+from dispatcher.triggers import TriggerRegistry, policy_from_record
 
 log = logging.getLogger("dispatcher")
 
@@ -197,16 +197,7 @@ def _policy(r: asyncpg.Record) -> RetryPolicy:
     if policy is None:
         if len(_POLICIES) > 10_000:
             _POLICIES.clear()
-        policy = _POLICIES[key] = RetryPolicy(
-            kind=BackoffKind(r["retry_kind"]),
-            base_delay=r["retry_base_delay"],
-            factor=r["retry_factor"],
-            max_delay=r["retry_max_delay"],
-            jitter=r["retry_jitter"],
-            max_attempts=r["max_attempts"],
-            max_event_age=r["max_event_age"],
-            park_on=frozenset(r["park_on"]),
-        )
+        policy = _POLICIES[key] = policy_from_record(r)
     return policy
 
 
