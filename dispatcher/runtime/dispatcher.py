@@ -683,8 +683,13 @@ class Dispatcher:
                 continue
             if self.gate.free < refill and self._in_flight:
                 self._phase = Phase.EXECUTING
-                await self.gate.wait_free(refill)
-                continue
+                # Bounded: stop() and drain() must not wait for executions to end by
+                # themselves, and permits held by slow or hung executions must not stop the
+                # free ones from being used for longer than a poll interval.
+                with anyio.move_on_after(cfg.poll_interval):
+                    await self.gate.wait_free(refill)
+                if self._is_stopping() or self._draining or self.gate.free == 0:
+                    continue
             want = min(cfg.batch_size, self.gate.free)
             if want == 0:  # permits held by synchronous calls alone
                 await self.gate.wait_free(1)
