@@ -465,7 +465,7 @@ class Harness:
             await self.wait_exit(proc, within=30)
         at = await self.now()
         leased = await self.fetch(
-            """SELECT id, event_id, trigger_id, due_at AS lease_expires_at,
+            """SELECT id, event_id, trigger_id, lease_token, due_at AS lease_expires_at,
                    reply_to IS NOT NULL AS is_reply, dead_letter_id
                FROM dispatcher.outbox
                WHERE lease_token IS NOT NULL AND due_at > clock_timestamp()"""
@@ -613,6 +613,8 @@ class Report:
     outbox_left: int
     duplicates: int
     duplicates_by_pid: Counter[int]
+    # Each duplicate as (the execution repeated, the repeat).
+    reruns: list[tuple[asyncpg.Record, asyncpg.Record]]
     # Violations of the invariants (each list must be empty).
     within_lease: list[str]
     over_attempts: list[str]
@@ -644,6 +646,7 @@ class Report:
         within_lease: list[str] = []
         over_attempts: list[str] = []
         duplicates_by_pid: Counter[int] = Counter()
+        reruns: list[tuple[asyncpg.Record, asyncpg.Record]] = []
         for pair, es in runs.items():
             t = by_trigger.get(pair[1])
             counted = 0
@@ -659,6 +662,7 @@ class Report:
                 )
                 if rerun:
                     duplicates_by_pid[prev["pid"]] += 1
+                    reruns.append((prev, e))
                     if prev["outcome"] == "cancelled":
                         counted -= 1  # released at shutdown: no attempt, no orphan
                     # A re-run is legitimate only once the previous claim's lease is gone:
@@ -716,6 +720,7 @@ class Report:
             outbox_left=len(outbox),
             duplicates=sum(duplicates_by_pid.values()),
             duplicates_by_pid=duplicates_by_pid,
+            reruns=reruns,
             within_lease=within_lease,
             over_attempts=over_attempts,
             over_depth=[
@@ -767,9 +772,10 @@ class Report:
 def _describe(pair: Pair, prev: asyncpg.Record, e: asyncpg.Record, what: str) -> str:
     return (
         f"{what}: {pair} ledger {prev['id']} (pid {prev['pid']}, attempt {prev['attempt']}, "
-        f"{prev['outcome']}, {prev['started_at']}..{prev['ended_at']}, lease to "
-        f"{prev['lease_expires_at']}) then {e['id']} (pid {e['pid']}, attempt {e['attempt']}, "
-        f"started {e['started_at']})"
+        f"{prev['outcome']}, {prev['started_at']}..{prev['ended_at']}, lease "
+        f"{prev['lease_token']} to {prev['lease_expires_at']}) then {e['id']} (pid "
+        f"{e['pid']}, attempt {e['attempt']}, lease {e['lease_token']}, started "
+        f"{e['started_at']}, after error {e['previous_error']})"
     )
 
 

@@ -44,7 +44,9 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
     started_at timestamptz NOT NULL DEFAULT clock_timestamp(),
     ended_at timestamptz,
     outcome text,
-    note jsonb
+    note jsonb,
+    -- The last error in the row's history when this execution started: why it is a retry.
+    previous_error jsonb
 );
 CREATE INDEX IF NOT EXISTS chaos_ledger_pair_idx ON {TABLE} (event_id, trigger_id);
 CREATE INDEX IF NOT EXISTS chaos_ledger_started_idx ON {TABLE} (started_at);
@@ -55,9 +57,10 @@ CREATE INDEX IF NOT EXISTS chaos_ledger_started_idx ON {TABLE} (started_at);
 # the outbox row is already gone (it cannot be while our lease holds, unless it expired).
 _START = f"""
 INSERT INTO {TABLE} (event_id, trigger_id, trigger_name, scope, event_scope, key,
-    lease_token, lease_expires_at, is_reply, dead_letter_id, attempt, depth, principal, pid)
+    lease_token, lease_expires_at, is_reply, dead_letter_id, attempt, depth, principal, pid,
+    previous_error)
 SELECT $1, $2, $3, $4, $5, $6, o.lease_token, o.due_at, coalesce(o.reply_to IS NOT NULL, false),
-    o.dead_letter_id, $7, $8, $9, $10
+    o.dead_letter_id, $7, $8, $9, $10, o.errors -> -1
 FROM (SELECT 1) AS one
 LEFT JOIN {{schema}}.outbox o ON o.event_id = $1 AND o.trigger_id = $2
 RETURNING id"""
