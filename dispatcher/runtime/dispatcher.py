@@ -38,6 +38,8 @@ from dispatcher.core.outcomes import (
     Failure,
     FailureKind,
     Limits,
+    Reschedule,
+    Retry,
     Success,
 )
 from dispatcher.core.policy import RandomSource
@@ -341,6 +343,8 @@ class Dispatcher:
         self._consecutive_failures = 0
         self._backoff_until: datetime | None = None
         self._last_claim_at: datetime | None = None
+        # Fires when the soonest row this process rescheduled within a poll interval is due.
+        self._retry_timer: asyncio.TimerHandle | None = None
 
     # ----- public surface -----
 
@@ -442,6 +446,9 @@ class Dispatcher:
                 if self._kv_session is not None:
                     close_session(self._kv_session)
                 self._kv_session = None
+            if self._retry_timer is not None:
+                self._retry_timer.cancel()
+                self._retry_timer = None
             self._phase = Phase.STOPPED
             self._running = False
             log.info("dispatcher stopped", extra={"event": "dispatcher.stopped"})
@@ -852,6 +859,7 @@ class Dispatcher:
             try:
                 conn = await self._settle_connection()
                 await self._applier.apply(conn, batch)
+                self._wake_when_due(batch)
                 delay = self.config.reconnect_min
             except asyncio.CancelledError:
                 # Aborted mid-batch: keep the outcomes for the final drain (a batch that had
@@ -874,6 +882,31 @@ class Dispatcher:
             finally:
                 self._settling = False
             self._notify_progress()
+
+    def _wake_when_due(self, batch: Sequence[Settlement]) -> None:
+        """Claim again when the soonest row just rescheduled is due, if that is sooner than
+        the next poll: a short backoff (or a gate-saturated row) is not stretched to a poll
+        interval, and no hint is sent for rows we put back ourselves."""
+        soonest = min(
+            (s.decision.delay for s in batch if isinstance(s.decision, Retry | Reschedule)),
+            default=None,
+        )
+        if soonest is None or soonest >= self.config.poll_interval or self._stopping:
+            return
+        loop = asyncio.get_running_loop()
+        # The rows' due times were set by the database clock at commit, before this point:
+        # a timer started now cannot fire before they are due.
+        at = loop.time() + soonest
+        timer = self._retry_timer
+        if timer is not None and not timer.cancelled() and timer.when() <= at:
+            return
+        if timer is not None:
+            timer.cancel()
+        self._retry_timer = loop.call_at(at, self._retry_due)
+
+    def _retry_due(self) -> None:
+        self._retry_timer = None
+        self._wake.set()
 
     async def _drain_settlements(self) -> None:
         while self._pending or self._settling:

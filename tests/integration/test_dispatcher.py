@@ -324,6 +324,37 @@ async def test_rate_limited_reschedules_without_consuming_attempts(
     assert (stats.rescheduled, stats.succeeded, stats.dead_lettered) == (3, 1, 0)
 
 
+async def test_short_backoff_is_claimed_when_due_not_at_the_next_poll(
+    dsn: str, conn: asyncpg.Connection
+) -> None:
+    handlers = HandlerRegistry()
+    retried = anyio.Event()
+    attempts: list[int] = []
+
+    @handlers.handler("once")
+    async def once(ctx: HandlerContext) -> None:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            raise RuntimeError("transient")
+        retried.set()
+
+    retry = RetryPolicy(kind="constant", base_delay=0.2, max_delay=0.2, jitter=0, max_attempts=3)
+    await trigger(conn, "once", "once", retry=retry)
+    await put(conn, "users/1")
+    # A poll interval far longer than the wait below, and no wake-up hints: only the
+    # dispatcher's own knowledge of when it rescheduled the row can bring it back in time.
+    config = DispatcherConfig(poll_interval=60, listen=False, breaker_threshold=0)
+    d = Dispatcher(dsn, handlers, config=config)
+    async with anyio.create_task_group() as tg:
+        await tg.start(d.run)
+        d.wake()
+        with anyio.fail_after(15):
+            await retried.wait()
+        d.stop()
+    assert attempts == [1, 2]
+    assert d.stats.succeeded == 1
+
+
 async def test_timeouts_stop_async_and_blocking_handlers(
     dsn: str, conn: asyncpg.Connection
 ) -> None:
