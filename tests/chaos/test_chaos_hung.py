@@ -39,21 +39,6 @@ class Size:
 SHORT = Size(healthy=1000, hang=30, block=6, kept=0.5)
 LONG = Size(healthy=6000, hang=60, block=8, kept=0.9)
 
-# Found by these tests, fixed since (the wait for permits is bounded by a poll interval):
-CLAIMS_WAIT_FOR_HALF_THE_GATE = (
-    "dispatcher/runtime/dispatcher.py Dispatcher._poll_loop claims again only once refill "
-    "= min(batch_size, concurrency) // 2 permits are free (`if self.gate.free < refill and "
-    "self._in_flight: await self.gate.wait_free(refill)`). When hung or slow executions "
-    "hold more than concurrency - refill permits, the poller claims nothing at all, though "
-    "permits are free, until enough of them end (at their timeouts): healthy rows wait "
-    "behind hung ones. With --concurrency 20 and 12 hung handlers (8 permits free, refill "
-    "10), fresh rows wait out the hung handlers' 3 s timeout; in the long run, 68 hung "
-    "executions of a gate of 100 cut healthy throughput to 72%. Fix: bound the wait, e.g. "
-    "`with anyio.move_on_after(poll_interval): await self.gate.wait_free(refill)` and "
-    "then claim whatever is free, or make refill at most half of the permits not held by "
-    "executions older than a poll interval."
-)
-
 
 async def _burst_rate(chaos: Harness, tag: str) -> float:
     """Completions per second of one burst of healthy rows, by the database clock, between
@@ -78,9 +63,6 @@ async def _burst_rate(chaos: Harness, tag: str) -> float:
             marks=[
                 pytest.mark.chaos,
                 pytest.mark.timeout(3600),
-                # The stall below is fixed; whether 90% is kept on a shared 2-core machine
-                # is not yet shown by a long run.
-                pytest.mark.xfail(strict=False, reason=CLAIMS_WAIT_FOR_HALF_THE_GATE),
             ],
         ),
     ],
