@@ -26,6 +26,7 @@ from functools import partial
 from typing import TypeAlias
 
 import anyio
+import anyio.lowlevel
 import asyncpg
 from anyio.abc import TaskStatus
 from asyncpg.pool import PoolConnectionProxy
@@ -485,6 +486,9 @@ class Dispatcher:
             raise NotRunning("invoke() needs a running dispatcher")
         if not self.gate.try_acquire():
             self.stats.gate_saturated += 1
+            # Answer at a checkpoint all the same: a caller retrying on 503 in a loop would
+            # otherwise never yield, and starve the executions that would free the gate.
+            await anyio.lowlevel.checkpoint()
             return InvokeResult(
                 503, None, Failure(FailureKind.GATE_SATURATED, "execution gate is full")
             )

@@ -95,11 +95,17 @@ async def test_sigkill_mid_run_loses_nothing(chaos: Harness, size: Size) -> None
         for k in range(size.kills)
     ]
     async with anyio.create_task_group() as tg:
-        tg.start_soon(lambda: chaos.produce(mutations, rate=size.rate))
+        tg.start_soon(lambda: chaos.produce(mutations, rate=size.rate, batch=10))
         for n, threshold in enumerate(thresholds, start=1):
 
             async def reached(threshold: int = threshold) -> bool:
-                return await chaos.ledger_count("outcome = 'success'") >= threshold
+                # Past the threshold, and at a moment when rows are leased: the kill must
+                # orphan work, not land in a gap between the producer's batches.
+                return await chaos.ledger_count(
+                    "outcome = 'success'"
+                ) >= threshold and await chaos.outbox_count(
+                    "lease_token IS NOT NULL AND due_at > clock_timestamp()"
+                ) >= min(5, size.events // 100)
 
             await wait_until(reached, within=300, what=f"{threshold} successes")
             # The invoker dies with the first kill: its sync rows are orphaned too.

@@ -619,6 +619,45 @@ async def test_invoke_answers_503_when_the_gate_is_full(dsn: str, conn: asyncpg.
     assert await table(conn, "outbox") == []
 
 
+async def test_invoke_answering_503_still_lets_other_tasks_run(
+    dsn: str, conn: asyncpg.Connection
+) -> None:
+    # A caller that retries on 503 in a loop must not starve the event loop (and with it
+    # the dispatcher's own executions and settlements): every invoke is a checkpoint.
+    handlers = HandlerRegistry()
+
+    @handlers.handler("q")
+    async def q(ctx: HandlerContext) -> int:
+        return 1
+
+    tid = await trigger(conn, "q", "q")
+    d = Dispatcher(dsn, handlers, config=DispatcherConfig(concurrency=1, poll_interval=0.05))
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await anyio.lowlevel.checkpoint()
+
+    statuses = Counter[int]()
+    async with anyio.create_task_group() as tg:
+        await tg.start(d.run)
+        assert d.gate.try_acquire()
+        async with anyio.create_task_group() as inner:
+            inner.start_soon(ticker)
+            await anyio.lowlevel.checkpoint()
+            before = ticks
+            for _ in range(50):
+                statuses[(await d.invoke(tid, None, time_limit=5)).status] += 1
+            during = ticks - before
+            inner.cancel_scope.cancel()
+        d.gate.release()
+        d.stop()
+    assert statuses == {503: 50}
+    assert during >= 25, during
+
+
 async def test_fan_out_recursion_stops_at_the_per_root_budget(
     dsn: str, conn: asyncpg.Connection
 ) -> None:
