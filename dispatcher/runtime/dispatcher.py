@@ -751,7 +751,10 @@ class Dispatcher:
             if len(records) == want and not self._is_stopping():
                 continue  # a full batch: more is probably due, claim again at once
             self._phase = Phase.EXECUTING if self._in_flight else Phase.IDLE
-            wait = cfg.poll_interval
+            # Ticks start every poll interval, whatever the claim took: a row that became
+            # due waits at most one interval (plus a claim), not an interval plus the claim
+            # and the dispatch of its batch.
+            wait = max(0.0, cfg.poll_interval - (time.perf_counter() - started))
             if time.monotonic() - self._last_notify < NOTIFY_LINGER:
                 # Producers send at most one hint per notify_interval: while hints keep
                 # coming, poll again soon for rows whose hint was folded into an earlier one.
