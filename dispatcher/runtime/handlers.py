@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import inspect
 import itertools
 import threading
 import traceback
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, TypeAlias, TypeVar
@@ -304,13 +304,15 @@ class _Deadlines:
     """Timeouts for many short executions with one timer task per event loop.
 
     ``asyncio.timeout`` schedules and cancels a timer handle per call, which costs more
-    than a no-op handler; here an execution pushes (deadline, watch) on a heap and a
-    single watchdog cancels the overdue ones.
+    than a no-op handler. Here an execution appends (deadline, watch) to the queue of its
+    time limit and a single watchdog cancels the overdue ones. Within one queue deadlines
+    only grow (same limit, monotonic clock), so each queue is a FIFO: finished watches at
+    its head are dropped as new ones arrive, and a queue holds little more than the
+    executions still running (a heap would keep every finished one until its deadline).
     """
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, _Watch]] = []
-        self._seq = 0
+        self._queues: dict[float, deque[tuple[float, _Watch]]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -321,34 +323,44 @@ class _Deadlines:
         assert task is not None
         if self._loop is not loop or self._task is None or self._task.done():
             self._loop = loop
-            self._heap.clear()
+            self._queues = {}
             self._wake = asyncio.Event()
             self._task = loop.create_task(self._run())
         w = _Watch(task)
-        deadline = loop.time() + time_limit
-        self._seq += 1
-        earliest = self._heap[0][0] if self._heap else None
-        heapq.heappush(self._heap, (deadline, self._seq, w))
-        if earliest is None or deadline < earliest:
+        queue = self._queues.get(time_limit)
+        if queue is None:
+            queue = self._queues[time_limit] = deque()
+        if not queue:
+            # A new head the watchdog may not be waiting for. Into a non-empty queue the
+            # deadline is no earlier than its head, which the watchdog already waits on.
             self._wake.set()
+        while queue and queue[0][1].done:
+            queue.popleft()
+        queue.append((loop.time() + time_limit, w))
         return w
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        heap = self._heap
         while True:
             now = loop.time()
-            while heap and (heap[0][2].done or heap[0][0] <= now):
-                _, _, w = heapq.heappop(heap)
-                if not w.done:
-                    w.expired = True
-                    w.task.cancel("dispatcher: handler time limit")
+            soonest: float | None = None
+            for limit, queue in list(self._queues.items()):
+                while queue and (queue[0][1].done or queue[0][0] <= now):
+                    _, w = queue.popleft()
+                    if not w.done:
+                        w.expired = True
+                        w.task.cancel("dispatcher: handler time limit")
+                if queue:
+                    head = queue[0][0]
+                    soonest = head if soonest is None else min(soonest, head)
+                else:
+                    del self._queues[limit]
             self._wake.clear()
-            if not heap:
+            if soonest is None:
                 await self._wake.wait()
                 continue
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(heap[0][0] - now):
+                async with asyncio.timeout(soonest - now):
                     await self._wake.wait()
 
 
