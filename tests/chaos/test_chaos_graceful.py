@@ -103,21 +103,6 @@ async def test_sigterm_finishes_in_flight_work_and_leaves_nothing_leased(
     )
 
 
-# Found by this test, fixed since (the wait for permits is bounded by a poll interval):
-GRACE_IGNORED_WHEN_THE_GATE_IS_NEARLY_FULL = (
-    "dispatcher/runtime/dispatcher.py Dispatcher._poll_loop parks in "
-    "`await self.gate.wait_free(refill)` whenever fewer than refill = min(batch_size, "
-    "concurrency) // 2 permits are free and something runs; stop() sets _stopping, _wake "
-    "and the progress event but not the gate, so the loop stays parked until enough "
-    "executions finish by themselves. Only then does it see _stopping and start the grace "
-    "period: with 30 of 40 permits busy (or 80 of 100) the grace period is ignored, nothing "
-    "is cancelled, and `dispatcher run` takes as long as its slowest handler (up to its "
-    "timeout) to stop after SIGTERM. Fix: make the wait interruptible by stop(), e.g. have "
-    "stop() set the gate's freed event (or wait on whichever of gate-free / _wake fires "
-    "first) and re-check _stopping before waiting."
-)
-
-
 @sizes(SHORT, LONG)
 async def test_past_the_grace_period_executions_are_cancelled_and_released(
     chaos: Harness, size: Size
