@@ -271,8 +271,9 @@ class Applier:
             self._breaker.cooldown,
         )
         done.breakers_opened = [r["trigger_id"] for r in rows if r["just_opened"]]
-        if done.breakers_opened:
-            await conn.execute(self._sql.hold_behind_breaker, done.breakers_opened)
+        held = [r["trigger_id"] for r in rows if r["is_open"]]
+        if held:
+            await conn.execute(self._sql.hold_behind_breaker, held)
 
     async def _fenced(self, conn: Connection, sql: str, items: Sequence[Settlement]) -> set[int]:
         if not items:

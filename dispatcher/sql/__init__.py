@@ -317,9 +317,10 @@ class Sql:
             -- its own now() in opened_at: a breaker opened by two processes at once is
             -- counted once.
             RETURNING b.trigger_id, b.open_until, b.state = 'open' AND b.opened_at = now()
-                AS just_opened"""
-        # Move an opened breaker's waiting rows to its reopen time, so claims do not scan
-        # past them while it is open.
+                AS just_opened, b.state = 'open' AS is_open"""
+        # Move an open breaker's waiting rows to its reopen time, so claims do not scan past
+        # them while it is open: when it opens, and again when rows that were running at
+        # that moment come back as failures (they were leased, so the first move left them).
         self.hold_behind_breaker = f"""
             UPDATE {s}.outbox o SET due_at = b.open_until
             FROM {s}.breakers b
