@@ -23,6 +23,8 @@ import asyncpg
 TABLE = "public.chaos_ledger"
 APPLICATION_NAME = "chaos-ledger"
 DSN_ENV = "CHAOS_LEDGER_DSN"
+# How a start that may not have been written is reported (see harness._without_phantom_starts).
+LEDGER_START_FAILED = "ledger start not written"
 
 DDL = f"""
 CREATE TABLE IF NOT EXISTS {TABLE} (
@@ -150,7 +152,7 @@ class Ledger:
                 os.getpid(),
             )
         except _DB_ERRORS as exc:
-            raise LedgerUnavailable(f"ledger start not written: {exc!r}") from None
+            raise LedgerUnavailable(f"{LEDGER_START_FAILED}: {exc!r}") from None
         return int(value)
 
     async def end(
