@@ -596,7 +596,8 @@ async def test_claim_plan_uses_the_index(conn: asyncpg.Connection) -> None:
     assert "Seq Scan on outbox" not in text, text
 
 
-async def test_invoke_answers_503_when_the_gate_is_full(dsn: str, conn: asyncpg.Connection) -> None:
+async def _one_permit_dispatcher(dsn: str, conn: asyncpg.Connection) -> tuple[Dispatcher, int]:
+    """A dispatcher with a gate of one permit, and a sync trigger whose handler returns 1."""
     handlers = HandlerRegistry()
 
     @handlers.handler("q")
@@ -604,7 +605,13 @@ async def test_invoke_answers_503_when_the_gate_is_full(dsn: str, conn: asyncpg.
         return 1
 
     tid = await trigger(conn, "q", "q")
-    d = Dispatcher(dsn, handlers, config=DispatcherConfig(concurrency=1, poll_interval=0.05))
+    return Dispatcher(
+        dsn, handlers, config=DispatcherConfig(concurrency=1, poll_interval=0.05)
+    ), tid
+
+
+async def test_invoke_answers_503_when_the_gate_is_full(dsn: str, conn: asyncpg.Connection) -> None:
+    d, tid = await _one_permit_dispatcher(dsn, conn)
     async with anyio.create_task_group() as tg:
         await tg.start(d.run)
         assert d.gate.try_acquire()
@@ -624,14 +631,7 @@ async def test_invoke_answering_503_still_lets_other_tasks_run(
 ) -> None:
     # A caller that retries on 503 in a loop must not starve the event loop (and with it
     # the dispatcher's own executions and settlements): every invoke is a checkpoint.
-    handlers = HandlerRegistry()
-
-    @handlers.handler("q")
-    async def q(ctx: HandlerContext) -> int:
-        return 1
-
-    tid = await trigger(conn, "q", "q")
-    d = Dispatcher(dsn, handlers, config=DispatcherConfig(concurrency=1, poll_interval=0.05))
+    d, tid = await _one_permit_dispatcher(dsn, conn)
     ticks = 0
 
     async def ticker() -> None:
