@@ -35,6 +35,9 @@ class ServerControl(Protocol):
 
     def stop(self) -> None: ...
     def start(self) -> None: ...
+    def crash(self) -> None:
+        """Stop at once, as a power cut would: what was not flushed to disk is lost."""
+        ...
 
 
 @dataclass
@@ -109,6 +112,9 @@ class _ContainerControl:
     def start(self) -> None:
         self.container.get_wrapped_container().start()
 
+    def crash(self) -> None:
+        self.container.get_wrapped_container().kill()
+
 
 @contextlib.contextmanager
 def embedded_postgres(data_dir: Path | None = None) -> Iterator[ProvidedPostgres]:
@@ -145,6 +151,13 @@ class _EmbeddedControl:
     server: PostgresServer
 
     def stop(self) -> None:
+        self._pg_ctl_stop("fast")
+
+    def crash(self) -> None:
+        # Immediate mode: the server exits without writing its WAL buffers.
+        self._pg_ctl_stop("immediate")
+
+    def _pg_ctl_stop(self, mode: str) -> None:
         from pgserver._commands import POSTGRES_BIN_PATH
 
         subprocess.run(
@@ -154,7 +167,7 @@ class _EmbeddedControl:
                 str(self.server.pgdata),
                 "-w",
                 "-m",
-                "fast",
+                mode,
                 "stop",
             ],
             user=self.server.system_user,

@@ -28,6 +28,10 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TIMESTAMP, UUID
 from sqlalchemy.sql.elements import TextClause
 
 from dispatcher.core.errors import InvalidInput
+from dispatcher.core.models import MAX_DELAY_SECONDS
+
+# The longest handler time limit a trigger may have (seconds).
+MAX_TIMEOUT = 3600.0
 
 DEFAULT_SCHEMA = "dispatcher"
 VERSION_TABLE = "dispatcher_alembic_version"
@@ -66,6 +70,29 @@ def _ts(name: str, *, nullable: bool = False, default: bool = False) -> Column[o
         nullable=nullable,
         server_default=_now() if default else None,
     )
+
+
+# What the policy columns may hold (triggers and outbox alike): only values the library
+# writes. A row out of these ranges, written by another client, would fail every claim
+# or settlement batch it joined (a delay no timestamp can hold), so Postgres refuses it.
+POLICY_CHECKS: dict[str, str] = {
+    "retry_kind": "retry_kind IN ('exponential', 'linear', 'constant')",
+    # BETWEEN also refuses NaN (greater than every number in Postgres) and infinity.
+    "retry_base_delay": f"retry_base_delay BETWEEN 0 AND {MAX_DELAY_SECONDS:.0f}",
+    "retry_max_delay": f"retry_max_delay BETWEEN 0 AND {MAX_DELAY_SECONDS:.0f}",
+    "retry_factor": "retry_factor BETWEEN 0 AND 1e300",
+    "retry_jitter": "retry_jitter BETWEEN 0 AND 1",
+    "max_attempts": "max_attempts BETWEEN 1 AND 1000",
+    "max_event_age": (
+        f"max_event_age IS NULL OR (max_event_age > 0 AND max_event_age <= {MAX_DELAY_SECONDS:.0f})"
+    ),
+    "timeout": f"timeout > 0 AND timeout <= {MAX_TIMEOUT:.0f}",
+    "park_on": "park_on <@ ARRAY['permission_denied', 'target_not_found']::text[]",
+}
+
+
+def _policy_checks(table: str) -> list[CheckConstraint]:
+    return [CheckConstraint(c, name=f"{table}_{col}_check") for col, c in POLICY_CHECKS.items()]
 
 
 def _policy_columns() -> list[Column[object]]:
@@ -110,6 +137,7 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         CheckConstraint(
             "pattern_kind IN ('exact', 'prefix', 'glob')", name="triggers_pattern_kind_check"
         ),
+        *_policy_checks("triggers"),
         # Emit probes (scope, namespace, match_prefix = ANY(prefixes of the key)): one index
         # lookup per prefix, whatever the number of triggers in the scope.
         Index("triggers_match_idx", "scope", "namespace", "match_prefix"),
@@ -144,6 +172,10 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         Column("parked_reason", Text, nullable=True),
         PrimaryKeyConstraint("id", name="outbox_pkey"),
         UniqueConstraint("event_id", "trigger_id", name="outbox_event_trigger_key"),
+        *_policy_checks("outbox"),
+        CheckConstraint(
+            "attempts >= 0 AND orphans >= 0 AND depth >= 0", name="outbox_counters_check"
+        ),
         Index("outbox_due_idx", "due_at"),
         Index(
             "outbox_parked_idx",
@@ -253,6 +285,29 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         _ts("created_at", default=True),
         PrimaryKeyConstraint("root_id", name="root_budgets_pkey"),
         Index("root_budgets_created_idx", "created_at"),
+    )
+
+    # Rows the trigger-depth limit stopped: never dead-lettered, never run, but kept (for
+    # DispatcherConfig.depth_cutoff_retention) so an operator can count and find them.
+    Table(
+        "depth_cutoffs",
+        md,
+        Column("id", BigInteger, Identity(), nullable=False),
+        Column("outbox_id", BigInteger, nullable=False),
+        Column("event_id", UUID(as_uuid=True), nullable=False),
+        Column("trigger_id", BigInteger, nullable=False),
+        Column("scope", Text, nullable=False),
+        Column("trigger_name", Text, nullable=False),
+        Column("target", Text, nullable=False),
+        Column("namespace", Text, nullable=True),
+        Column("key", Text, nullable=True),
+        Column("root", Text, nullable=True),
+        Column("depth", Integer, nullable=False),
+        Column("max_depth", Integer, nullable=False),
+        _ts("cut_at", default=True),
+        PrimaryKeyConstraint("id", name="depth_cutoffs_pkey"),
+        Index("depth_cutoffs_cut_at_idx", "cut_at"),
+        Index("depth_cutoffs_scope_idx", "scope", "trigger_id", "cut_at"),
     )
 
     Table(

@@ -22,11 +22,10 @@ from dispatcher.core.models import (
 )
 from dispatcher.core.patterns import compile_pattern
 from dispatcher.db import Connection
-from dispatcher.schema import DEFAULT_SCHEMA
+from dispatcher.schema import DEFAULT_SCHEMA, MAX_TIMEOUT
 from dispatcher.sql import queries
 
 DEFAULT_TIMEOUT = 30.0
-MAX_TIMEOUT = 3600.0
 
 
 def _check_ops(ops: object) -> frozenset[Op]:

@@ -28,6 +28,19 @@ class Op(StrEnum):
     DELETE = "delete"
 
 
+# The longest delay (backoff, rate-limit wait, event age) the library stores: far past any
+# sensible retry, and far inside what a Postgres timestamp can hold (a delay of 1e13 s
+# overflows it, which would fail the whole settlement batch). Longer delays are clamped.
+MAX_DELAY_SECONDS = 10 * 365 * 86_400.0
+
+
+def clamp_delay(seconds: float) -> float:
+    """``seconds`` within ``[0, MAX_DELAY_SECONDS]`` (NaN counts as the maximum)."""
+    if not seconds >= 0.0:  # negative, or NaN
+        return MAX_DELAY_SECONDS if seconds != seconds else 0.0
+    return min(seconds, MAX_DELAY_SECONDS)
+
+
 # Failure kinds an operator action can clear (grant the permission, deploy the target).
 PARKABLE_KINDS = frozenset({"permission_denied", "target_not_found"})
 
@@ -121,7 +134,7 @@ class RetryPolicy:
             age = _finite_number("retry.max_event_age", self.max_event_age)
             if age <= 0:
                 raise InvalidInput("retry.max_event_age", self.max_event_age, "must be positive")
-            object.__setattr__(self, "max_event_age", age)
+            object.__setattr__(self, "max_event_age", clamp_delay(age))
         raw: object = self.park_on
         if isinstance(raw, str) or not isinstance(raw, Iterable):
             raise InvalidInput("retry.park_on", raw, "must be a collection of failure kinds")
@@ -132,9 +145,11 @@ class RetryPolicy:
                 "retry.park_on", sorted(unknown), f"only {sorted(PARKABLE_KINDS)} can park a row"
             )
         object.__setattr__(self, "park_on", park_on)
-        object.__setattr__(self, "base_delay", base)
+        # Clamped, not refused: "retry for ever, at most every 1e13 s" is a valid wish that
+        # Postgres cannot store; the clamp keeps its meaning.
+        object.__setattr__(self, "base_delay", clamp_delay(base))
         object.__setattr__(self, "factor", factor)
-        object.__setattr__(self, "max_delay", max_delay)
+        object.__setattr__(self, "max_delay", clamp_delay(max_delay))
         object.__setattr__(self, "jitter", jitter)
 
 

@@ -25,6 +25,9 @@ class FailureKind(StrEnum):
     RATE_LIMITED = "rate_limited"
     GATE_SATURATED = "gate_saturated"
     PERMANENT = "permanent"
+    # The library's own database failed under the handler (a ctx.kv write or read): not the
+    # target's fault, so no attempt is used and no breaker counts it.
+    UNAVAILABLE = "unavailable"
 
 
 class DeadLetterReason(StrEnum):
@@ -39,6 +42,11 @@ class DeadLetterReason(StrEnum):
     EXPIRED = "expired"
     # Its claims kept expiring without a result (the process died or hung each time).
     LEASE_EXPIRED = "lease_expired"
+    # The stored row could not be read back (written by another client with values this
+    # library never writes, or nested deeper than the decoder follows).
+    UNDECODABLE = "undecodable"
+    # Its outcome could not be written: Postgres rejected a value of it (a data error).
+    UNSTORABLE = "unstorable"
 
 
 class Resolution(StrEnum):

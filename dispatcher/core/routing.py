@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Literal, TypeAlias, assert_never
 
+from dispatcher.core.models import clamp_delay
 from dispatcher.core.outcomes import (
     ClaimedRow,
     Complete,
@@ -38,6 +39,11 @@ from dispatcher.core.sanitize import sanitize_json, sanitize_text
 # A gate-saturated row is offered again after gate_retry_delay * (1 ± 50%), so the rows that
 # lost the same permit do not all come back at the same instant.
 GATE_JITTER = 0.5
+
+# The shortest wait before a row whose handler met a database fault (UNAVAILABLE) runs
+# again: such a row uses no attempt, so a policy without delays would otherwise re-run it
+# as fast as the poller claims, for as long as the database keeps failing.
+UNAVAILABLE_MIN_DELAY = 0.5
 
 SYNC_ORPHAN_MESSAGE = (
     "the lease expired before a reply was written; the execution may already have run, "
@@ -74,6 +80,8 @@ def _status_of(kind: FailureKind) -> int:
             return 503
         case FailureKind.PERMANENT:
             return 422
+        case FailureKind.UNAVAILABLE:
+            return 503
         case _:
             assert_never(kind)
 
@@ -138,10 +146,10 @@ def route(row: ClaimedRow, result: ExecutionResult, limits: Limits, rng: RandomS
 
     Sync rows always get a reply and dead-letter-handler rows always resolve their dead
     letter: neither is ever retried. Async rows complete on success; on failure they are
-    rescheduled without consuming an attempt (gate saturated, rate limited), dead-lettered at
-    once (permanent, target not found, permission denied), or retried with backoff until
-    ``max_attempts`` or ``max_event_age`` is reached (handler error, timeout). Delays draw
-    from ``rng``; every message is sanitised.
+    rescheduled without consuming an attempt (gate saturated, rate limited, unavailable),
+    dead-lettered at once (permanent, target not found, permission denied), or retried with
+    backoff until ``max_attempts`` or ``max_event_age`` is reached (handler error, timeout).
+    Delays draw from ``rng``; every message is sanitised.
 
     >>> route(async_row, Success(), Limits(), random.Random(1))
     Complete()
@@ -184,11 +192,26 @@ def _route_failure(row: ClaimedRow, failure: Failure, limits: Limits, rng: Rando
         case FailureKind.RATE_LIMITED:
             retry_after = failure.retry_after
             if retry_after is not None and math.isfinite(retry_after) and retry_after > 0:
-                delay = retry_after
+                # A storable wait: the event-age bound below decides whether it is kept.
+                delay = clamp_delay(retry_after)
             else:
                 delay = backoff_delay(policy, row.attempts + 1, rng)
             # Rescheduling consumes no attempt, so only the event's age bounds a target that
             # keeps rate-limiting.
+            bound = (
+                policy.max_event_age
+                if policy.max_event_age is not None
+                else limits.max_rate_limited_age
+            )
+            if row.age + delay > bound:
+                return DeadLetter(DeadLetterReason.EXPIRED, attempts=row.attempts, error=error)
+            return Reschedule(delay, kind, error)
+        case FailureKind.UNAVAILABLE:
+            # The dispatcher's own database failed under the handler: no attempt is used.
+            # The handler may have done part of its work before the fault, so it runs again
+            # no sooner than the policy would retry a failure (and never at once); only the
+            # event's age bounds a database that keeps failing.
+            delay = max(backoff_delay(policy, row.attempts + 1, rng), UNAVAILABLE_MIN_DELAY)
             bound = (
                 policy.max_event_age
                 if policy.max_event_age is not None

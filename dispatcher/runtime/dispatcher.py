@@ -19,7 +19,7 @@ import math
 import random
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -32,13 +32,17 @@ from anyio.abc import TaskStatus
 from asyncpg.pool import PoolConnectionProxy
 
 from dispatcher.core.errors import InvalidInput
-from dispatcher.core.models import JsonValue, Mutation, Op, RetryPolicy
+from dispatcher.core.models import MAX_DELAY_SECONDS, JsonValue, Mutation, Op, RetryPolicy
 from dispatcher.core.outcomes import (
     ClaimedRow,
+    DeadLetter,
+    DeadLetterReason,
+    ErrorRecord,
     ExecutionResult,
     Failure,
     FailureKind,
     Limits,
+    Outcome,
     Reschedule,
     Retry,
     Success,
@@ -55,6 +59,7 @@ from dispatcher.runtime.handlers import (
     Executor,
     HandlerContext,
     KvHandle,
+    StoreUnavailable,
     close_session,
     open_session,
 )
@@ -97,6 +102,9 @@ def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
     ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < 0 or (value == 0 and not allow_zero):
         raise InvalidInput(name, value, "must be a positive number")
+    # Durations reach SQL interval arithmetic: past this, a timestamp overflows.
+    if value > MAX_DELAY_SECONDS:
+        raise InvalidInput(name, value, f"must be at most {MAX_DELAY_SECONDS:.0f} seconds")
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,15 +137,24 @@ class DispatcherConfig:
     breaker_cooldown: float = 60.0
     # Parked rows of a trigger released by each success of that trigger.
     unpark_batch: int = 100
-    # Keys whose values never reach dead_letters, abandoned_executions or error histories
-    # (matched case-insensitively, '-' and '_' alike); () turns redaction off. A replayed
-    # dead letter runs with its redacted payload: keep credentials out of events.
+    # Name fragments: the value of a key containing one never reaches dead_letters,
+    # abandoned_executions or error histories (compared in lower case, '-' and '_' left out:
+    # "password" covers "db_password", "api_key" covers "X-Api-Key"); the same goes for
+    # key=value pairs in error text, and URL passwords are masked whenever this is not empty.
+    # () turns redaction off. A replayed dead letter runs with its redacted payload: keep
+    # credentials out of events.
     redact_keys: tuple[str, ...] = tuple(sorted(DEFAULT_REDACT_KEYS))
     # Rows that handler writes descending from one user mutation may enqueue, all depths
     # together: stops fan-out recursion that stays under the depth limit. None: no limit.
     max_executions_per_root: int | None = 10_000
     # How long a root's count is kept (it only matters while its tree still runs).
     root_budget_ttl: float = 86_400.0
+    # How long rows stopped by the depth limit stay in depth_cutoffs.
+    depth_cutoff_retention: float = 7 * 86_400.0
+    # Outcomes waiting to be written beyond which the poller stops claiming (settlements
+    # that stall, on locks or a slow disk, must not let memory and leases grow without
+    # bound). Executions already running may still add theirs.
+    max_pending_settlements: int = 2_000
 
     def __post_init__(self) -> None:
         for name in ("poll_interval", "lease_margin", "reconnect_min", "reconnect_max"):
@@ -147,6 +164,7 @@ class DispatcherConfig:
         _positive("max_rate_limited_age", self.max_rate_limited_age)
         _positive("breaker_cooldown", self.breaker_cooldown)
         _positive("root_budget_ttl", self.root_budget_ttl)
+        _positive("depth_cutoff_retention", self.depth_cutoff_retention)
         budget = self.max_executions_per_root
         if budget is not None and (
             isinstance(budget, bool) or not isinstance(budget, int) or budget < 1
@@ -154,7 +172,14 @@ class DispatcherConfig:
             raise InvalidInput("max_executions_per_root", budget, "must be a positive int or None")
         if not isinstance(self.breaker_threshold, int) or self.breaker_threshold < 0:
             raise InvalidInput("breaker_threshold", self.breaker_threshold, "must be >= 0")
-        for name in ("batch_size", "concurrency", "max_error_history", "pool_size", "unpark_batch"):
+        for name in (
+            "batch_size",
+            "concurrency",
+            "max_error_history",
+            "pool_size",
+            "unpark_batch",
+            "max_pending_settlements",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidInput(name, value, "must be a positive integer")
@@ -205,6 +230,8 @@ def _policy(r: asyncpg.Record) -> RetryPolicy:
 
 
 def _row_from_record(r: asyncpg.Record) -> ClaimedRow:
+    """The claimed row as routing sees it. Raises on a row that cannot be decoded (see
+    :func:`_undecodable_row`)."""
     return ClaimedRow(
         id=r["id"],
         lease_token=r["lease_token"],
@@ -224,6 +251,62 @@ def _row_from_record(r: asyncpg.Record) -> ClaimedRow:
         timeout=r["timeout"],
         age=r["age"],
     )
+
+
+UNDECODABLE_PAYLOAD = "payload withheld: it could not be decoded"
+
+
+def _undecodable_row(r: asyncpg.Record) -> ClaimedRow:
+    """What can be read of a claimed row that :func:`_row_from_record` refused: enough to
+    settle it. A payload the decoder cannot follow is replaced by a note (it could not be
+    redacted either); a policy out of range by the default one, which is never used to
+    run it."""
+    try:
+        payload: JsonValue = json.loads(r["payload"])
+    except Exception:  # RecursionError for nesting past the decoder's depth, among others
+        payload = {"undecodable": UNDECODABLE_PAYLOAD}
+    return ClaimedRow(
+        id=r["id"],
+        lease_token=r["lease_token"],
+        event_id=r["event_id"],
+        trigger_id=r["trigger_id"],
+        scope=r["scope"],
+        trigger_name=r["trigger_name"],
+        target=r["target"],
+        registered_by=r["registered_by"],
+        payload=payload,
+        attempts=r["attempts"],
+        orphans=r["orphans"],
+        depth=r["depth"],
+        reply_to=r["reply_to"],
+        dead_letter_id=r["dead_letter_id"],
+        policy=RetryPolicy(),
+        timeout=1.0,
+        age=r["age"],
+    )
+
+
+# SQLSTATE classes of errors a handler's own values cause (data exception, integrity
+# constraint violation, program limit exceeded: a value the kv table cannot store, a key
+# too long for its index). Those stay the handler's errors; every other database error
+# under ctx.kv is the dispatcher's database failing.
+_HANDLER_DATA_CLASSES = frozenset({"22", "23", "54"})
+
+
+@contextlib.contextmanager
+def _store_faults() -> Iterator[None]:
+    """Raise a database fault under a handler's KV call as :class:`StoreUnavailable`, so
+    that it is classified as the dispatcher's (no attempt used, no breaker fed), not the
+    handler's."""
+    try:
+        yield
+    except DB_ERRORS as exc:
+        state = getattr(exc, "sqlstate", None) if isinstance(exc, asyncpg.PostgresError) else None
+        if isinstance(state, str) and state[:2] in _HANDLER_DATA_CLASSES:
+            raise
+        raise StoreUnavailable(
+            f"the dispatcher's database failed: {describe_exception(exc, limit=500)}"
+        ) from exc
 
 
 class _PoolKv:
@@ -246,37 +329,40 @@ class _PoolKv:
         event: uuid.UUID,
         root: uuid.UUID,
     ) -> KvWrite:
-        async with self._pool.acquire() as conn:
-            return await self._kv.put(
-                conn,
-                scope,
-                namespace,
-                key,
-                value,
-                depth=depth,
-                event_id=event,
-                root_id=root,
-                guard=self._guard,
-            )
+        with _store_faults():
+            async with self._pool.acquire() as conn:
+                return await self._kv.put(
+                    conn,
+                    scope,
+                    namespace,
+                    key,
+                    value,
+                    depth=depth,
+                    event_id=event,
+                    root_id=root,
+                    guard=self._guard,
+                )
 
     async def delete(
         self, scope: str, namespace: str, key: str, depth: int, event: uuid.UUID, root: uuid.UUID
     ) -> KvWrite:
-        async with self._pool.acquire() as conn:
-            return await self._kv.delete(
-                conn,
-                scope,
-                namespace,
-                key,
-                depth=depth,
-                event_id=event,
-                root_id=root,
-                guard=self._guard,
-            )
+        with _store_faults():
+            async with self._pool.acquire() as conn:
+                return await self._kv.delete(
+                    conn,
+                    scope,
+                    namespace,
+                    key,
+                    depth=depth,
+                    event_id=event,
+                    root_id=root,
+                    guard=self._guard,
+                )
 
     async def get(self, scope: str, namespace: str, key: str) -> KvEntry | None:
-        async with self._pool.acquire() as conn:
-            return await self._kv.get(conn, scope, namespace, key)
+        with _store_faults():
+            async with self._pool.acquire() as conn:
+                return await self._kv.get(conn, scope, namespace, key)
 
 
 class Dispatcher:
@@ -416,8 +502,7 @@ class Dispatcher:
                     # Only for a recorder that uses it: an idle dispatcher should cost one
                     # claim per poll interval and nothing else.
                     services.start_soon(self._sample_backlog)
-                if self.config.max_executions_per_root is not None:
-                    services.start_soon(self._expire_root_budgets)
+                services.start_soon(self._housekeeping)
                 task_status.started()
                 log.info(
                     "dispatcher started",
@@ -610,7 +695,8 @@ class Dispatcher:
         self._last_error = describe_exception(exc, limit=500)
         if self._consecutive_failures == 0:
             log.error(
-                "database unavailable; backing off",
+                "database unavailable; backing off: %s",
+                self._last_error,
                 extra={"event": "dispatcher.db_unavailable", "error": self._last_error},
             )
         self._consecutive_failures += 1
@@ -687,6 +773,13 @@ class Dispatcher:
         refill = max(1, min(cfg.batch_size, cfg.concurrency) // 2)
         self._accepting = True
         while not self._stopping:
+            if len(self._pending) >= cfg.max_pending_settlements:
+                # Settlements are behind (a lock, a slow disk, an outage of the settler's
+                # connection): claiming more would only add leases and memory.
+                self._phase = Phase.SETTLING
+                with anyio.move_on_after(cfg.poll_interval):
+                    await self._wait_progress()
+                continue
             if self._draining:
                 self._phase = Phase.DRAINING
                 self._wake = anyio.Event()
@@ -731,7 +824,13 @@ class Dispatcher:
             self.stats.claimed_rows += len(records)
             self.recorder.claim(time.perf_counter() - started, len(records))
             for record in records:
-                row = _row_from_record(record)
+                try:
+                    row = _row_from_record(record)
+                except Exception as exc:
+                    # A poison row (written by another client, or nested past what the
+                    # decoder follows) must not end the loop nor keep its batch leased.
+                    self._submit_undecodable(record, exc)
+                    continue
                 if self._is_stopping():
                     self._submit(row, Release())
                     continue
@@ -767,6 +866,38 @@ class Dispatcher:
                 await self._wait_progress()
         # Past the grace period: cancel what still runs; each gives its lease back.
         await self._cancel_executions()
+
+    def _submit_undecodable(self, record: asyncpg.Record, exc: Exception) -> None:
+        try:
+            row = _undecodable_row(record)
+        except Exception:
+            # Not even the columns every row has could be read: leave the lease to expire
+            # (the claim that follows counts it as an orphan) rather than stop the loop.
+            log.exception(
+                "claimed row unreadable; its lease will expire",
+                extra={"event": "dispatcher.unreadable", "outbox_id": record.get("id")},
+            )
+            return
+        message = f"the stored row could not be decoded: {describe_exception(exc, limit=2000)}"
+        self.stats.undecodable += 1
+        log.error(
+            "claimed row could not be decoded; dead-lettered",
+            extra={
+                "event": "dispatcher.undecodable",
+                "trigger": row.trigger_name,
+                "scope": row.scope,
+                "outbox_id": row.id,
+                "error": message,
+            },
+        )
+        outcome: Outcome
+        if row.reply_to is not None or row.dead_letter_id is not None:
+            # A caller waits, or a dead letter does: answer them as a permanent failure.
+            outcome = route(row, Failure(FailureKind.PERMANENT, message), self._limits, self._rng)
+        else:
+            error = ErrorRecord(row.attempts + 1, FailureKind.PERMANENT, message)
+            outcome = DeadLetter(DeadLetterReason.UNDECODABLE, row.attempts, error)
+        self._submit(row, outcome)
 
     async def _cancel_executions(self) -> None:
         self._accepting = False
@@ -813,6 +944,8 @@ class Dispatcher:
         )
         if isinstance(result, Failure) and self._redactor.enabled:
             # Error text is kept in the outbox, dead letters and replies to gone callers.
+            # Redact the whole text (the executor keeps up to 64 KiB of it): route() cuts it
+            # to 8 KiB only afterwards, so no secret is cut in half before it is seen.
             secrets = self._redactor.secrets_in(row.payload)
             result = replace(result, message=self._redactor.redact_text(result.message, secrets))
         return route(row, result, self._limits, self._rng)
@@ -958,12 +1091,20 @@ class Dispatcher:
                 self.recorder.backlog(int(row["due"]), float(row["oldest_due_seconds"]))
             await anyio.sleep(self.config.backlog_interval)
 
-    async def _expire_root_budgets(self) -> None:
+    async def _housekeeping(self) -> None:
+        """Expire what the library keeps for a while: per-root budgets, depth cutoffs."""
         assert self._pool is not None
+        cfg = self.config
+        budgets = cfg.max_executions_per_root is not None
+        every = min(cfg.depth_cutoff_retention, 600.0)
+        if budgets:
+            every = min(every, cfg.root_budget_ttl)
         while True:
             with contextlib.suppress(*DB_ERRORS):
-                await self._pool.execute(self._sql.root_budget_expire, self.config.root_budget_ttl)
-            await anyio.sleep(min(self.config.root_budget_ttl, 600.0))
+                if budgets:
+                    await self._pool.execute(self._sql.root_budget_expire, cfg.root_budget_ttl)
+                await self._pool.execute(self._sql.depth_cutoffs_expire, cfg.depth_cutoff_retention)
+            await anyio.sleep(every)
 
     def _busy(self) -> bool:
         return bool(self._in_flight or self._pending or self._settling or self._claiming)

@@ -11,10 +11,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TypeAlias, assert_never
 
+import asyncpg
+
 from dispatcher.core.outcomes import (
     ClaimedRow,
     Complete,
     DeadLetter,
+    DeadLetterReason,
     ErrorRecord,
     Failure,
     FailureKind,
@@ -29,7 +32,8 @@ from dispatcher.core.outcomes import (
     Success,
 )
 from dispatcher.core.redact import Redactor
-from dispatcher.core.sanitize import sanitize_json
+from dispatcher.core.routing import http_status
+from dispatcher.core.sanitize import describe_exception, sanitize_json, sanitize_text
 from dispatcher.db import Connection
 from dispatcher.runtime.inbox import InboxResolver
 from dispatcher.runtime.stats import Stats
@@ -46,6 +50,12 @@ BREAKER_KINDS = frozenset(
         FailureKind.PERMISSION_DENIED,
     }
 )
+
+
+def is_data_error(exc: BaseException) -> bool:
+    """A value Postgres refused (data exception, integrity violation): not an outage."""
+    state = getattr(exc, "sqlstate", None)
+    return isinstance(state, str) and state[:2] in ("22", "23")
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +93,7 @@ def _error_json(error: ErrorRecord | None) -> str | None:
 @dataclass(slots=True)
 class _Batch:
     complete: list[Settlement] = field(default_factory=list)
-    skip: list[Settlement] = field(default_factory=list)
+    skip: list[tuple[Settlement, SkipDepth]] = field(default_factory=list)
     reschedule: list[tuple[Settlement, float, int, str | None]] = field(default_factory=list)
     park: list[tuple[Settlement, Park]] = field(default_factory=list)
     dead: list[tuple[Settlement, DeadLetter]] = field(default_factory=list)
@@ -99,7 +109,7 @@ def _group(items: Sequence[Settlement]) -> _Batch:
             case Complete():
                 b.complete.append(item)
             case SkipDepth():
-                b.skip.append(item)
+                b.skip.append((item, d))
             case Retry(delay=delay, attempts=attempts, error=error):
                 b.reschedule.append((item, delay, attempts, _error_json(error)))
             case Reschedule(delay=delay, error=error):
@@ -164,7 +174,87 @@ class Applier:
         self._redactor = redactor or Redactor(frozenset())
 
     async def apply(self, conn: Connection, items: Sequence[Settlement]) -> None:
-        """Apply one batch. Raises on database errors, leaving nothing half-applied."""
+        """Apply one batch. Raises on database errors, leaving nothing half-applied.
+
+        A data error (a value Postgres refuses, SQLSTATE classes 22 and 23) is not an outage
+        and retrying the batch would fail the same way for ever: the batch is split until
+        the outcome at fault is alone, that row is dead-lettered with the error instead
+        (its reply or dead-letter resolution answered as a permanent failure), and the rest
+        is applied.
+        """
+        try:
+            await self._apply(conn, items)
+        except asyncpg.PostgresError as exc:
+            if not is_data_error(exc):
+                raise
+            await self._isolate(conn, items, exc)
+
+    async def _isolate(
+        self, conn: Connection, items: Sequence[Settlement], exc: asyncpg.PostgresError
+    ) -> None:
+        if len(items) == 1:
+            await self._unstorable(conn, items[0], exc)
+            return
+        mid = len(items) // 2
+        for half in (items[:mid], items[mid:]):
+            try:
+                await self._apply(conn, half)
+            except asyncpg.PostgresError as error:
+                if not is_data_error(error):
+                    raise
+                await self._isolate(conn, half, error)
+
+    async def _unstorable(
+        self, conn: Connection, item: Settlement, exc: asyncpg.PostgresError
+    ) -> None:
+        row = item.row
+        message = sanitize_text(
+            f"its outcome ({type(item.decision).__name__}) could not be stored: "
+            f"{describe_exception(exc, limit=2000)}"
+        )
+        self._stats.unstorable += 1
+        log.error(
+            "outcome refused by Postgres; row dead-lettered instead: %s",
+            message,
+            extra={
+                "event": "dispatcher.unstorable",
+                "trigger": row.trigger_name,
+                "scope": row.scope,
+                "outbox_id": row.id,
+                "error": message,
+            },
+        )
+        failure = Failure(FailureKind.PERMANENT, message)
+        decision: Decision
+        if row.reply_to is not None:
+            decision = Reply(failure, http_status(failure))
+        elif row.dead_letter_id is not None:
+            decision = ResolveDeadLetter(
+                row.dead_letter_id, Resolution.HANDLER_FAILED, f"permanent: {message}"
+            )
+        else:
+            error = ErrorRecord(row.attempts + 1, FailureKind.PERMANENT, message)
+            decision = DeadLetter(DeadLetterReason.UNSTORABLE, row.attempts, error)
+        try:
+            await self._apply(conn, [Settlement(row, decision)])
+        except asyncpg.PostgresError as again:
+            if not is_data_error(again):
+                raise
+            # Not even the dead letter could be written (the payload itself, say): leave
+            # the lease to expire. Each expiry counts against max_attempts, so the row ends
+            # as a lease_expired dead letter, or here again, once per lease: never a stall.
+            log.error(
+                "row cannot be settled; its lease will expire: %s",
+                describe_exception(again, limit=2000),
+                extra={
+                    "event": "dispatcher.unsettleable",
+                    "trigger": row.trigger_name,
+                    "scope": row.scope,
+                    "outbox_id": row.id,
+                },
+            )
+
+    async def _apply(self, conn: Connection, items: Sequence[Settlement]) -> None:
         b = _group(items)
         async with conn.transaction():
             done = await self._write(conn, b, items)
@@ -176,6 +266,8 @@ class Applier:
     async def _write(self, conn: Connection, b: _Batch, items: Sequence[Settlement]) -> _Applied:
         q = self._sql
         done = _Applied()
+        if b.reply or b.dead or b.resolve:
+            await conn.execute(q.durable_commit)
         if b.complete:
             row = await conn.fetchrow(
                 q.complete_fenced,
@@ -187,7 +279,14 @@ class Applier:
             done.completed = set(row["deleted"])
             done.unparked = int(row["unparked"])
             done.breakers_closed = list(row["breakers_closed"])
-        done.skipped = await self._fenced(conn, q.delete_fenced, b.skip)
+        if b.skip:
+            rows = await conn.fetch(
+                q.skip_depth_fenced,
+                [s.row.id for s, _ in b.skip],
+                [s.row.lease_token for s, _ in b.skip],
+                [d.limit for _, d in b.skip],
+            )
+            done.skipped = {r["id"] for r in rows}
         if b.reschedule:
             rows = await conn.fetch(
                 q.reschedule_fenced,
@@ -289,13 +388,13 @@ class Applier:
                 st.succeeded += 1
             else:
                 stale += 1
-        for s in b.skip:
+        for s, _ in b.skip:
             if s.row.id not in done.skipped:
                 stale += 1
                 continue
             st.depth_exceeded += 1
             log.warning(
-                "trigger depth limit reached; row dropped",
+                "trigger depth limit reached; row not run (kept in depth_cutoffs)",
                 extra={
                     "event": "dispatcher.depth_exceeded",
                     "trigger": s.row.trigger_name,
@@ -384,6 +483,19 @@ class Applier:
                 abandoned.append((s, reply))
         if not abandoned:
             return
+        async with conn.transaction():
+            # What a gone caller would have been told is kept for good: durable too.
+            await conn.execute(self._sql.durable_commit)
+            await self._insert_abandoned(conn, abandoned)
+        self._stats.abandoned += len(abandoned)
+        log.info(
+            "sync replies abandoned (receiver gone)",
+            extra={"event": "dispatcher.abandoned", "count": len(abandoned)},
+        )
+
+    async def _insert_abandoned(
+        self, conn: Connection, abandoned: Sequence[tuple[Settlement, Reply]]
+    ) -> None:
         await conn.execute(
             self._sql.insert_abandoned,
             [s.row.reply_to for s, _ in abandoned],
@@ -396,16 +508,13 @@ class Applier:
             [_result_json(r, self._redactor) for _, r in abandoned],
             [_failure_text(r, self._redactor) for _, r in abandoned],
         )
-        self._stats.abandoned += len(abandoned)
-        log.info(
-            "sync replies abandoned (receiver gone)",
-            extra={"event": "dispatcher.abandoned", "count": len(abandoned)},
-        )
 
 
 def _result_json(reply: Reply, redactor: Redactor) -> str | None:
     if isinstance(reply.result, Success):
-        value = redactor.redact_json(sanitize_json(reply.result.result))
+        # Redact first: sanitize_json cuts long strings, and a secret cut in half is no
+        # longer found whole (the result is already clean JSON, so nothing else changes).
+        value = sanitize_json(redactor.redact_json(reply.result.result))
         return json.dumps(value, ensure_ascii=False)
     return None
 

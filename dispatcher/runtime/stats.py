@@ -16,6 +16,8 @@ class Phase(StrEnum):
     CLAIMING = "claiming"
     EXECUTING = "executing"
     BACKOFF = "backoff"
+    # Outcomes are waiting to be written; claiming waits for them.
+    SETTLING = "settling"
     STOPPING = "stopping"
     STOPPED = "stopped"
 
@@ -45,6 +47,10 @@ class Stats:
     breakers_closed: int = 0
     budget_exceeded: int = 0
     db_errors: int = 0
+    # Claimed rows that could not be decoded (dead-lettered as undecodable).
+    undecodable: int = 0
+    # Outcomes Postgres refused to store (data errors): their rows dead-lettered instead.
+    unstorable: int = 0
     dead_letters_by_reason: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, int]:

@@ -207,6 +207,31 @@ class Sql:
             USING unnest($1::bigint[], $2::uuid[]) AS f(id, token)
             WHERE o.id = f.id AND o.lease_token = f.token
             RETURNING o.id"""
+        # Rows stopped by the depth limit: out of the outbox, into depth_cutoffs (never a
+        # dead letter, but an operator can count and find them), in one statement.
+        self.skip_depth_fenced = f"""
+            WITH d AS (
+                DELETE FROM {s}.outbox o
+                USING unnest($1::bigint[], $2::uuid[], $3::int[]) AS f(id, token, max_depth)
+                WHERE o.id = f.id AND o.lease_token = f.token
+                RETURNING o.*, f.max_depth
+            )
+            INSERT INTO {s}.depth_cutoffs (outbox_id, event_id, trigger_id, scope,
+                trigger_name, target, namespace, key, root, depth, max_depth)
+            SELECT id, event_id, trigger_id, scope, trigger_name, target,
+                payload ->> 'namespace', payload ->> 'key', payload ->> 'root', depth,
+                max_depth
+            FROM d
+            RETURNING outbox_id AS id"""
+        self.depth_cutoffs_expire = f"""
+            DELETE FROM {s}.depth_cutoffs
+            WHERE cut_at < clock_timestamp() - make_interval(secs => $1)"""
+        # Outcomes someone is told about (a sync reply, a dead letter, a dead letter's
+        # resolution) are written with a synchronous commit, whatever the session's
+        # setting: the commit returns once its WAL is flushed, and with it every earlier
+        # commit's (the handler's KV writes behind a reply included: WAL is one sequence).
+        self.durable_commit = "SET LOCAL synchronous_commit = on"
+
         # Async successes: delete, close the trigger's breaker if it was counting failures or
         # open, and un-park a bounded batch of the trigger's parked rows (a success shows
         # the cause of parking is gone).

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dispatcher.core.errors import InvalidInput
-from dispatcher.core.models import BackoffKind, RetryPolicy
+from dispatcher.core.models import MAX_DELAY_SECONDS, BackoffKind, RetryPolicy, clamp_delay
 from dispatcher.core.policy import backoff_delay
 
 PROPERTY = settings(database=None, deadline=None, max_examples=300)
@@ -137,7 +137,23 @@ def test_huge_attempt_numbers_cap_without_overflow(kind: BackoffKind, attempt: i
 
 def test_huge_linear_factor_does_not_overflow() -> None:
     policy = RetryPolicy(kind=BackoffKind.LINEAR, base_delay=1e300, factor=1e300, max_delay=1e308)
-    assert backoff_delay(policy, 10**400, FixedRandom(0.5)) == 1e300
+    assert backoff_delay(policy, 10**400, FixedRandom(0.5)) == MAX_DELAY_SECONDS
+
+
+@pytest.mark.parametrize("field", ["base_delay", "max_delay", "max_event_age"])
+def test_delays_past_what_a_timestamp_holds_are_clamped(field: str) -> None:
+    # 1e13 s added to now() overflows a Postgres timestamp: such a row would fail the
+    # whole settlement batch it is part of.
+    policy = RetryPolicy(**{field: 1e13, "max_delay": 1e13})
+    assert getattr(policy, field) == MAX_DELAY_SECONDS
+    assert policy.max_delay == MAX_DELAY_SECONDS
+
+
+def test_clamp_delay_bounds_every_float() -> None:
+    assert clamp_delay(-5.0) == 0.0
+    assert clamp_delay(math.nan) == MAX_DELAY_SECONDS
+    assert clamp_delay(math.inf) == MAX_DELAY_SECONDS
+    assert clamp_delay(12.5) == 12.5
 
 
 def test_exponential_near_one_factor_grows_slowly_for_huge_attempts() -> None:
@@ -149,9 +165,9 @@ def test_exponential_near_one_factor_grows_slowly_for_huge_attempts() -> None:
 def test_tiny_base_with_huge_factor_does_not_overflow() -> None:
     # factor ** 39 alone is 1e390, beyond a float, although the delay is 1e90.
     policy = RetryPolicy(base_delay=1e-300, factor=1e10, max_delay=1e100, jitter=0.0)
-    assert backoff_delay(policy, 40, FixedRandom(0.5)) == pytest.approx(1e90, rel=1e-9)
+    assert backoff_delay(policy, 40, FixedRandom(0.5)) == MAX_DELAY_SECONDS
     assert backoff_delay(policy, 31, FixedRandom(0.5)) == pytest.approx(1.0, rel=1e-9)
-    assert backoff_delay(policy, 10_000, FixedRandom(0.5)) == 1e100
+    assert backoff_delay(policy, 10_000, FixedRandom(0.5)) == MAX_DELAY_SECONDS
 
 
 @pytest.mark.parametrize("attempt", [0, -1, -(10**400)])
