@@ -107,6 +107,21 @@ def _load_object(spec: str) -> object:
     return obj
 
 
+def _redact_keys(
+    _ctx: click.Context, _param: click.Parameter, extra: tuple[str, ...]
+) -> tuple[str, ...]:
+    """The default name fragments plus those given to ``--redact-key``; one the redactor
+    refuses is a usage error."""
+    from dispatcher.core.redact import DEFAULT_REDACT_KEYS, Redactor
+
+    keys = tuple(sorted(DEFAULT_REDACT_KEYS.union(extra)))
+    try:
+        Redactor(frozenset(keys))
+    except DispatcherError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return keys
+
+
 @main.command()
 @dsn_option
 @schema_option
@@ -151,6 +166,15 @@ def _load_object(spec: str) -> object:
     show_default=True,
     help="Address the metrics endpoint binds to (0.0.0.0 to expose it, e.g. in a container).",
 )
+@click.option(
+    "--redact-key",
+    "redact_keys",
+    multiple=True,
+    metavar="NAME",
+    callback=_redact_keys,
+    help="Also redact values of keys whose name contains NAME (case-insensitive, '-' and '_' "
+    "ignored), in addition to the default fragments; repeatable.",
+)
 def run(
     dsn: str | None,
     schema: str,
@@ -167,6 +191,7 @@ def run(
     application_name: str,
     metrics_port: int | None,
     metrics_host: str,
+    redact_keys: tuple[str, ...],
 ) -> None:
     """Run a dispatcher until SIGINT or SIGTERM (a second signal aborts at once; leases of
     unfinished rows are given back either way)."""
@@ -192,6 +217,7 @@ def run(
             breaker_cooldown=breaker_cooldown,
             max_executions_per_root=max_executions_per_root or None,
             application_name=application_name,
+            redact_keys=redact_keys,
         )
     except DispatcherError as exc:
         raise click.BadParameter(str(exc)) from None

@@ -24,6 +24,9 @@ MAX_DEPTH_LIMIT = 128
 TOO_DEEP = "…[nested too deeply]"
 CIRCULAR = "…[circular reference]"
 OMITTED_KEY = "…[omitted]"
+# What sanitize_text puts where it cut text out (see _omitted). Redaction looks for it: a
+# secret cut there is only half in the text, where a literal match cannot find it.
+CUT_MARKER = re.compile(r"…\[\d+ characters omitted\]…")
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # Beyond a signed 64-bit integer most JSON readers (JavaScript, Go, jsonb consumers casting to

@@ -1,11 +1,12 @@
 """Scenario 10 — secrets in dead letters.
 
 Canary values under ``password``, ``authorization`` and ``api_key`` (nested, in lists, in
-other spellings of the keys, and inside exception messages) never reach ``dead_letters``,
-``abandoned_executions`` or the logs, on the real write path: the dispatcher subprocess with
-its default redaction, and an in-process dispatcher configured with
-``DispatcherConfig(redact_keys=("password", "authorization", "api_key"))`` whose sync calls
-are abandoned.
+other spellings of the keys, and inside exception messages), under names that contain a
+sensitive one (``db_password``, ``token``, ``x-api-key``, ``client_secret``) and as the
+password of a URL never reach ``dead_letters``, ``abandoned_executions`` or the logs, on the
+real write path: the dispatcher subprocess with its default redaction, and an in-process
+dispatcher configured with ``DispatcherConfig(redact_keys=("password", "authorization",
+"api_key"))`` whose sync calls are abandoned.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ def _payload(canary: str, **extra: JsonValue) -> dict[str, JsonValue]:
         "user": {"name": "ann", "Authorization": f"Bearer {canary}"},
         "keys": [{"api_key": canary}, {"API-KEY": canary}],
         "note": f"api_key={canary}",
+        # Names that only contain a sensitive name, and a password inside a URL.
+        "db_password": canary,
+        "session": {"token": canary, "x-api-key": [canary]},
+        "clients": [{"client_secret": {"value": canary}}],
+        "dsn": f"postgresql://app:{canary}@db/app",
         **extra,
     }
 

@@ -4,10 +4,13 @@ runs, and bad input reported in one line without a traceback."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import uuid
 from datetime import UTC, timedelta
+from pathlib import Path
 
 import anyio
 import asyncpg
@@ -24,12 +27,14 @@ from dead_letter_seed import (
 )
 from flow_seed import park, set_breaker
 
+from dispatcher import Mutation, Op, emit
 from dispatcher.core.models import RetryPolicy
 from dispatcher.flow import FlowControl
 
 pytestmark = pytest.mark.anyio
 
 DAY = timedelta(days=1)
+REPO = Path(__file__).resolve().parents[2]
 
 
 async def seed(conn: asyncpg.Connection) -> dict[str, int]:
@@ -438,6 +443,10 @@ BAD_USAGE: list[tuple[list[str], str]] = [
     (["triggers", "enable", "x"], "TRIGGER_ID"),
     (["triggers", "add", "--park-on", "timeout"], "--park-on"),
     (["triggers", "add", "--max-event-age", "soon"], "--max-event-age"),
+    (
+        ["run", "--handlers", "examples.compose_handlers:handlers", "--redact-key", "-id"],
+        "'--redact-key': invalid redact_keys='-id'",
+    ),
 ]
 
 
@@ -498,3 +507,38 @@ async def test_python_dash_m_entry_point(dsn: str, conn: asyncpg.Connection) -> 
     assert missing.returncode == 1
     assert missing.stderr.decode().strip() == "Error: no dead letter with id 999999"
     assert missing.stdout == b""
+
+
+async def test_run_redact_key_adds_name_fragments(dsn: str, conn: asyncpg.Connection) -> None:
+    """``run --redact-key`` reaches the dispatcher's config: a dead letter's payload loses
+    the values under the names added, and under the default ones still."""
+    await add_trigger(conn, "vault", target="nowhere.to_be_found")  # dead-lettered at once
+    payload = {"user": "ann", "customer_ssn": "1-2-3", "Internal-Ref": "r-9", "password": "pw"}
+    await emit(conn, Mutation("acme", "users", "users/1", Op.PUT, payload))
+    command = [
+        *(sys.executable, "-m", "dispatcher.cli", "run", "--dsn", dsn, "--poll-interval", "0.05"),
+        *("--handlers", "examples.compose_handlers:handlers"),
+        *("--redact-key", "SSN", "--redact-key", "internal_ref"),
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "DISPATCH"))}
+    env["PYTHONPATH"] = str(REPO)
+    err = b""
+    with anyio.fail_after(60):
+        async with await anyio.open_process(
+            command, cwd=REPO, env=env, stdout=subprocess.DEVNULL
+        ) as process:
+            assert process.stderr is not None
+            try:
+                while b"row dead-lettered" not in err:
+                    err += await process.stderr.receive()
+            except anyio.EndOfStream:
+                pytest.fail(f"dispatcher run stopped early: {err.decode()}")
+            process.send_signal(signal.SIGTERM)
+            assert await process.wait() == 0, err.decode()
+    [dead] = await conn.fetch("SELECT payload FROM dispatcher.dead_letters")
+    assert json.loads(dead["payload"])["value"] == {
+        "user": "ann",
+        "customer_ssn": "[REDACTED]",
+        "Internal-Ref": "[REDACTED]",
+        "password": "[REDACTED]",
+    }

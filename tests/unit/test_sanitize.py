@@ -15,6 +15,7 @@ from dispatcher.core.errors import InvalidInput
 from dispatcher.core.models import JsonValue
 from dispatcher.core.sanitize import (
     CIRCULAR,
+    CUT_MARKER,
     MAX_DEPTH_LIMIT,
     OMITTED_KEY,
     TOO_DEEP,
@@ -107,6 +108,15 @@ def test_marker_count_is_exact_when_its_digits_shrink() -> None:
     match = MARKER.search(result)
     assert match is not None
     assert len(result) - len(match.group(0)) + int(match.group(1)) == 10_000
+
+
+@PROPERTY
+@given(length=st.integers(41, 100_000))
+def test_cut_marker_finds_every_cut_sanitize_text_makes(length: int) -> None:
+    # Redaction relies on it to find secrets cut in half (dispatcher.core.redact).
+    result = sanitize_text("q" * length, 40)
+    [marker] = CUT_MARKER.findall(result)
+    assert result.replace(marker, "") == "q" * (len(result) - len(marker))
 
 
 @pytest.mark.parametrize("limit", [-1, True, 1.5])
