@@ -5,7 +5,10 @@ Every handler writes the execution ledger (:mod:`tests.chaos.ledger`) in its own
 What a ``work`` handler does is read from the event's value, so one registry serves every
 scenario::
 
-    {"ms": [5, 50], "fail_rate": 0.02, "always_fail": false, "fail_first": 0}
+    {"ms": [5, 50], "fail_rate": 0.02, "always_fail": false, "fail_first": 0, "kv": 0}
+
+(``kv``: how many writes the handler makes through ``ctx.kv``, into the ``chaos-kv``
+namespace, which no trigger watches.)
 
 Randomness is seeded by the idempotency key and the attempt, so a run can be replayed.
 
@@ -32,7 +35,13 @@ from typing import Any
 import anyio
 import anyio.from_thread
 
-from dispatcher import HandlerContext, HandlerRegistry, PermanentError, RateLimited
+from dispatcher import (
+    HandlerContext,
+    HandlerRegistry,
+    PermanentError,
+    RateLimited,
+    StoreUnavailable,
+)
 from dispatcher.core.models import JsonValue
 from tests.chaos.ledger import Ledger, LedgerUnavailable, Start
 
@@ -96,7 +105,9 @@ def _start_of(ctx: HandlerContext) -> Start:
 def _outcome(exc: BaseException) -> str:
     if isinstance(exc, anyio.get_cancelled_exc_class()):
         return "cancelled"
-    if isinstance(exc, RateLimited):
+    if isinstance(exc, RateLimited | StoreUnavailable):
+        # Both are rescheduled without using an attempt, which the checker knows by the
+        # outcome "rate_limited"; the error note says which of the two it was.
         return "rate_limited"
     return "failed"
 
@@ -118,9 +129,13 @@ def ledgered(ledger: Ledger, fn: AsyncHandler) -> AsyncHandler:
             result = await fn(ctx)
         except BaseException as exc:
             # A timeout cancels the handler: record that it ended, shielded from the very
-            # cancellation that ended it, and briefly (the database may be down).
+            # cancellation that ended it, and briefly (the database may be down). Any other
+            # end waits out an outage as a success does: the checker needs it on record to
+            # tell a reschedule that used no attempt from a re-run.
+            outcome = _outcome(exc)
+            patience = 2.0 if outcome == "cancelled" else 30.0
             with anyio.CancelScope(shield=True):
-                await ledger.end(ledger_id, _outcome(exc), _error_note(exc), patience=2.0)
+                await ledger.end(ledger_id, outcome, _error_note(exc), patience=patience)
             raise
         note = result if isinstance(result, dict) and "ledger_note" in result else None
         await ledger.end(ledger_id, "success", note)
@@ -156,6 +171,10 @@ def build_registry(
         rate = spec.get("fail_rate", 0.0)
         if isinstance(rate, int | float) and rng.random() < rate:
             raise RuntimeError("transient failure")
+        writes = spec.get("kv", 0)
+        for i in range(writes if isinstance(writes, int) else 0):
+            # Through the dispatcher's own database: a fault here raises StoreUnavailable.
+            await ctx.kv.put("chaos-kv", f"{ctx.event['key']}/{i}", {"attempt": ctx.attempt})
         return {"ok": True}
 
     async def hang(ctx: HandlerContext) -> object:
@@ -286,6 +305,11 @@ def _poison(kind: str) -> object:
             return _deep(50_000)
         case "permanent":
             raise PermanentError("nul\x00 and \ud800 in a permanent error")
+        case "rate_huge":
+            # Past what a timestamp can hold: clamped, then past the event-age bound.
+            raise RateLimited(1e13)
+        case "fail":
+            raise RuntimeError("fails on every attempt")
         case _:
             return {"ok": True}
 

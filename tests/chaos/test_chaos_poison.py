@@ -23,7 +23,7 @@ import pytest
 
 from dispatcher import DispatcherError, InvalidInput, LimitExceeded, Mutation, Op, RetryPolicy
 from dispatcher.emit import emit
-from tests.chaos.harness import Harness, expected_pairs, record, sizes
+from tests.chaos.harness import Harness, expected_pairs, record, sizes, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -206,5 +206,113 @@ async def test_poison_rows_dead_letter_and_the_dispatcher_keeps_running(
         healthy_succeeded=ran,
         dead_letters=len(dead),
         longest_error_text=longest,
+        dispatcher_pid_unchanged=True,
+    )
+
+
+# Valid jsonb that json.loads cannot follow: what older versions accepted at emit, or what
+# another client writes. It used to end run() on every start, leaving its batch leased.
+TOO_DEEP_TO_DECODE = "[" * 5000 + "1" + "]" * 5000
+
+
+@sizes(SHORT, LONG)
+async def test_poison_in_the_outbox_itself_stops_no_dispatcher(chaos: Harness, size: Size) -> None:
+    """Rows corrupted by another client, outcomes Postgres refuses, delays no timestamp can
+    hold: each row at fault is dead-lettered (or kept scheduled) with its cause, the rest
+    flows, in the same process."""
+    fast = RetryPolicy(base_delay=0.05, max_delay=0.1, max_attempts=2)
+    healthy = await chaos.trigger("healthy", "work", namespace="orders", retry=fast)
+    poison = await chaos.trigger("poison", "poison", namespace="poison", retry=fast)
+    # Accepted, clamped to ten years: the row waits, the settlement does not fail.
+    await chaos.trigger(
+        "far", "poison", namespace="far", retry=RetryPolicy(base_delay=1e13, max_delay=1e13)
+    )
+    pool = await chaos.pool()
+    async with pool.acquire() as conn:
+        # Policy columns out of range cannot be written at all.
+        for column, value in (("retry_kind", "'bogus'"), ("timeout", "1e300")):
+            with pytest.raises(asyncpg.CheckViolationError):
+                await conn.execute(
+                    f"UPDATE dispatcher.triggers SET {column} = {value} WHERE id = $1", healthy.id
+                )
+        # A constraint someone else added: the retry of the u/* rows is a data error.
+        await conn.execute(
+            "ALTER TABLE dispatcher.outbox ADD CONSTRAINT chaos_no_retry "
+            "CHECK (payload->>'key' NOT LIKE 'u/%' OR attempts = 0)"
+        )
+    n = size.copies
+    rows = [
+        *(
+            Mutation("acme", "poison", f"rate/{i}", Op.PUT, {"poison": "rate_huge"})
+            for i in range(n)
+        ),
+        *(Mutation("acme", "poison", f"u/{i}", Op.PUT, {"poison": "fail"}) for i in range(n)),
+        *(Mutation("acme", "orders", f"deep/{i}", Op.PUT, {}) for i in range(n)),
+    ]
+    far_rows = [Mutation("acme", "far", f"far/{i}", Op.PUT, {"poison": "fail"}) for i in range(n)]
+    healthy_rows = [
+        Mutation("acme", "orders", f"h/{i}", Op.PUT, {"ms": [1, 5]}) for i in range(size.healthy)
+    ]
+    mixed: list[Mutation] = []
+    step = max(1, len(healthy_rows) // len(rows))
+    for i, m in enumerate([*rows, *far_rows]):
+        mixed += [m, *healthy_rows[i * step : (i + 1) * step]]
+    mixed += healthy_rows[len(rows + far_rows) * step :]
+    # Written before any dispatcher runs, so the corruption is in place for the first claim.
+    await chaos.emit(mixed, batch=200)
+    corrupted = await chaos.fetchval(
+        """WITH u AS (UPDATE dispatcher.outbox SET payload = $1::jsonb
+                      WHERE payload->>'key' LIKE 'deep/%' RETURNING 1)
+           SELECT count(*) FROM u""",
+        TOO_DEEP_TO_DECODE,
+    )
+    assert corrupted == n
+
+    proc = chaos.spawn("chaos-poison-rows", breaker_threshold=0)
+    await chaos.wait_ready(proc)
+
+    async def only_far_left() -> bool:
+        proc.assert_alive()
+        return await chaos.outbox_count() == n
+
+    await wait_until(only_far_left, within=120, what="everything but the far rows to settle")
+    after = [Mutation("acme", "orders", f"after/{i}", Op.PUT, {}) for i in range(50)]
+    await chaos.emit(after)
+    await wait_until(only_far_left, within=60, what="rows emitted afterwards to settle")
+    proc.assert_alive()
+    chaos.signal(proc, signal.SIGTERM)
+    assert await chaos.wait_exit(proc, within=15) == 0
+    assert "Traceback" not in proc.stderr(), proc.stderr()[-4000:]
+
+    waits = await chaos.fetch(
+        """SELECT payload->>'key' AS key, attempts, lease_token,
+               extract(epoch FROM due_at - clock_timestamp()) / 86400 / 365 AS years
+           FROM dispatcher.outbox"""
+    )
+    assert {r["key"] for r in waits} == {m.key for m in far_rows}
+    assert all(r["attempts"] == 1 and r["lease_token"] is None for r in waits)
+    assert all(7 < r["years"] <= 10 for r in waits), [r["years"] for r in waits]
+    # An operator discards them; the checker then expects only the others.
+    await chaos.fetch("DELETE FROM dispatcher.outbox RETURNING id")
+
+    dead = await chaos.fetch("SELECT payload, reason, errors FROM dispatcher.dead_letters")
+    reasons: dict[str, set[str]] = {}
+    for d in dead:
+        payload = json.loads(d["payload"])
+        key = str(payload.get("key", "deep/?")).split("/")[0]
+        reasons.setdefault(key, set()).add(d["reason"])
+    assert reasons == {"rate": {"expired"}, "u": {"unstorable"}, "deep": {"undecodable"}}, reasons
+    assert len(dead) == 3 * n
+    report = await chaos.check(expected_pairs([healthy, poison], [*mixed, *after]))
+    report.assert_ok(max_duplicates=0)
+    record(
+        "7-poison-rows",
+        size="long" if size is LONG else "short",
+        corrupted_rows=n,
+        unstorable_rows=n,
+        huge_rate_limits=n,
+        far_rows_kept=len(waits),
+        healthy_rows=len(healthy_rows) + len(after),
+        dead_letters=len(dead),
         dispatcher_pid_unchanged=True,
     )
