@@ -183,6 +183,7 @@ class DispatcherConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidInput(name, value, "must be a positive integer")
+        Redactor(frozenset(self.redact_keys))  # refuses a fragment too short to be one
         if self.pool_size < 2:
             raise InvalidInput("pool_size", self.pool_size, "must be at least 2")
         if not isinstance(self.max_trigger_depth, int) or self.max_trigger_depth < 0:
@@ -879,6 +880,8 @@ class Dispatcher:
             )
             return
         message = f"the stored row could not be decoded: {describe_exception(exc, limit=2000)}"
+        if self._redactor.enabled:
+            message = self._redactor.redact_text(message, self._redactor.secrets_in(row.payload))
         self.stats.undecodable += 1
         log.error(
             "claimed row could not be decoded; dead-lettered",

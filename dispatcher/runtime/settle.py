@@ -208,10 +208,13 @@ class Applier:
         self, conn: Connection, item: Settlement, exc: asyncpg.PostgresError
     ) -> None:
         row = item.row
-        message = sanitize_text(
-            f"its outcome ({type(item.decision).__name__}) could not be stored: "
-            f"{describe_exception(exc, limit=2000)}"
-        )
+        message = f"its outcome ({type(item.decision).__name__}) could not be stored: "
+        message += describe_exception(exc, limit=2000)
+        if self._redactor.enabled:
+            # Postgres errors can quote the values they refused.
+            secrets = self._redactor.secrets_in(row.payload)
+            message = self._redactor.redact_text(message, secrets)
+        message = sanitize_text(message)
         self._stats.unstorable += 1
         log.error(
             "outcome refused by Postgres; row dead-lettered instead: %s",
