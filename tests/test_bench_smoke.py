@@ -17,7 +17,7 @@ from bench.core import BENCH_DIR, Context, ScenarioResult, Sizes, quiet_progress
 from bench.report import format_scenario, format_targets
 from dispatcher.postgres import ProvidedPostgres
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.bench]
 
 # Metrics that must be > 0 (rates and latencies); everything else just finite.
 POSITIVE = {
