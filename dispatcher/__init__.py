@@ -54,6 +54,7 @@ from dispatcher.runtime.handlers import (
     PermanentError,
     PermissionDenied,
     RateLimited,
+    StoreUnavailable,
 )
 from dispatcher.runtime.inbox import InvokeResult
 from dispatcher.runtime.principals import (
@@ -112,6 +113,7 @@ __all__ = [
     "Stats",
     "StatusReport",
     "StatusSnapshot",
+    "StoreUnavailable",
     "Success",
     "Trigger",
     "TriggerExists",

@@ -245,6 +245,16 @@ def run(
             tg.start_soon(_stop_on_signals, dispatcher, tg.cancel_scope)
             await dispatcher.run()
             tg.cancel_scope.cancel()
+        left = dispatcher.status().in_flight
+        if left:
+            # Executions abandoned by the stop still run as tasks of this event loop, and
+            # leaving anyio.run cancels every task and waits for it: one whose handler
+            # swallows cancellation would keep the process alive. The dispatcher has
+            # written all it will write; their leases expire.
+            _exit_now(
+                "exiting with abandoned executions still running",
+                {"event": "dispatcher.executions_left", "executions": left},
+            )
 
     try:
         _run(serve)
@@ -260,14 +270,19 @@ def _exit_past_abandoned_threads(executor: object) -> None:
     The dispatcher has written everything by now, so leave without waiting for them."""
     running = getattr(executor, "threads_running", 0)
     if isinstance(running, int) and running > 0:
-        logging.getLogger("dispatcher").warning(
+        _exit_now(
             "exiting with abandoned handler threads still running",
-            extra={"event": "dispatcher.threads_left", "threads": running},
+            {"event": "dispatcher.threads_left", "threads": running},
         )
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+
+
+def _exit_now(message: str, extra: dict[str, object]) -> None:
+    """Exit with status 0 without waiting for what the dispatcher abandoned."""
+    logging.getLogger("dispatcher").warning(message, extra=extra)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 async def _stop_on_signals(dispatcher: Dispatcher, scope: anyio.CancelScope) -> None:

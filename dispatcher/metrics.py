@@ -90,7 +90,11 @@ _COUNTERS: tuple[_Counter, ...] = (
         "rescheduled",
         "Rows offered again without using an attempt (rate limited, gate saturated).",
     ),
-    _Counter("depth_exceeded", "depth_exceeded", "Rows dropped at the trigger depth limit."),
+    _Counter(
+        "depth_exceeded",
+        "depth_exceeded",
+        "Rows stopped at the trigger depth limit (kept in depth_cutoffs).",
+    ),
     _Counter(
         "gate_saturated", "gate_saturated", "Claimed rows that found the execution gate full."
     ),
@@ -102,6 +106,11 @@ _COUNTERS: tuple[_Counter, ...] = (
         "Synchronous results written to abandoned_executions (caller gone).",
     ),
     _Counter("released", "leases_released", "Leases given back unexecuted (shutdown)."),
+    _Counter(
+        "executions_abandoned",
+        "executions_abandoned",
+        "Executions that would not stop at shutdown: left running, leases left to expire.",
+    ),
     _Counter("parked", "parked", "Rows parked (kept, unclaimed) instead of dead-lettered."),
     _Counter("unparked", "unparked", "Parked rows released to run again."),
     _Counter("breakers_opened", "breakers_opened", "Trigger circuit breakers opened."),
@@ -112,6 +121,16 @@ _COUNTERS: tuple[_Counter, ...] = (
         "Rows not enqueued because their root event's execution budget was spent.",
     ),
     _Counter("db_errors", "db_errors", "Database or connection errors (never handler failures)."),
+    _Counter(
+        "undecodable",
+        "undecodable_rows",
+        "Claimed rows that could not be decoded (dead-lettered as undecodable).",
+    ),
+    _Counter(
+        "unstorable",
+        "unstorable_outcomes",
+        "Outcomes Postgres refused to store (their rows dead-lettered as unstorable).",
+    ),
 )
 _RESOLUTIONS: tuple[tuple[str, str], ...] = (
     ("handled", "handled"),

@@ -155,7 +155,7 @@ class Reschedule:
     """Offer the row again after ``delay`` without consuming an attempt."""
 
     delay: float
-    kind: FailureKind  # GATE_SATURATED or RATE_LIMITED
+    kind: FailureKind  # GATE_SATURATED, RATE_LIMITED or UNAVAILABLE
     error: ErrorRecord | None = None
 
 

@@ -59,6 +59,7 @@ from dispatcher.runtime.handlers import (
     Executor,
     HandlerContext,
     KvHandle,
+    StillRunning,
     StoreUnavailable,
     close_session,
     open_session,
@@ -121,6 +122,11 @@ class DispatcherConfig:
     lease_margin: float = 5.0
     max_trigger_depth: int = 8
     grace_period: float = 10.0
+    # Past the grace period (at once on an abort), how long cancelled executions get to
+    # stop. One that is still running then (its handler swallowed the cancellation, or is
+    # a thread) is abandoned: its lease is left to expire, since it may still be running,
+    # and its result is never written. Bounds a stop by grace_period + abandon_after.
+    abandon_after: float = 2.0
     listen: bool = True
     max_error_history: int = 20
     reconnect_min: float = 0.1
@@ -157,7 +163,13 @@ class DispatcherConfig:
     max_pending_settlements: int = 2_000
 
     def __post_init__(self) -> None:
-        for name in ("poll_interval", "lease_margin", "reconnect_min", "reconnect_max"):
+        for name in (
+            "poll_interval",
+            "lease_margin",
+            "reconnect_min",
+            "reconnect_max",
+            "abandon_after",
+        ):
             _positive(name, getattr(self, name))
         for name in ("grace_period", "gate_retry_delay", "backlog_interval"):
             _positive(name, getattr(self, name), allow_zero=True)
@@ -411,7 +423,9 @@ class Dispatcher:
         self._settle_conn: PoolConnection | None = None
         # Executions are plain asyncio tasks (asyncpg ties the dispatcher to asyncio anyway):
         # spawning one per row through a task group costs more than a no-op handler.
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], ClaimedRow] = {}
+        # Executions a stop gave up on, still running: their outcomes are never written.
+        self._abandoned: dict[asyncio.Task[None], ClaimedRow] = {}
         self._accepting = False
         self._kv_session: int | None = None
         self._phase = Phase.STOPPED
@@ -477,7 +491,9 @@ class Dispatcher:
 
     def stop(self) -> None:
         """Begin a graceful stop: claim nothing more, let in-flight work finish within the
-        grace period, give back leases of what did not finish, then return from ``run``."""
+        grace period, cancel what did not finish and give its lease back, then return from
+        ``run``. An execution that ignores its cancellation for ``abandon_after`` more
+        seconds is abandoned: left running, its lease left to expire, its outcome dropped."""
         self._stopping = True
         self._wake.set()
         self._progress_waiting += 1
@@ -516,8 +532,9 @@ class Dispatcher:
                 services.cancel_scope.cancel()
         finally:
             # Also reached when run() itself is cancelled (an abort): whatever still runs is
-            # cancelled and gives its lease back, within a bound so a dead database cannot
-            # hold the process forever.
+            # cancelled and gives its lease back (or, if it will not stop, is abandoned),
+            # within bounds so that neither a handler nor a dead database can hold the
+            # process forever.
             with anyio.CancelScope(shield=True):
                 await self._cancel_executions()
                 if self._pool is not None:
@@ -528,7 +545,14 @@ class Dispatcher:
                     with anyio.move_on_after(max(self.config.grace_period, 5.0)):
                         await self._drain_settlements()
                     await self._drop_connections()
-                    await self._pool.close()
+                    if self._abandoned:
+                        # They may hold connections (a ctx.kv call) that a graceful close
+                        # would wait for: end them. The handlers see StoreUnavailable.
+                        self._pool.terminate()
+                    else:
+                        # Cut short, asyncpg's close terminates what is left.
+                        with anyio.move_on_after(self.config.abandon_after):
+                            await self._pool.close()
                 self._pool = None
                 if self._kv_session is not None:
                     close_session(self._kv_session)
@@ -903,20 +927,50 @@ class Dispatcher:
         self._submit(row, outcome)
 
     async def _cancel_executions(self) -> None:
+        """Cancel what still runs and wait, at most ``abandon_after`` seconds, for each to
+        give its lease back; abandon the ones that do not stop."""
         self._accepting = False
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
-        if tasks:
-            with anyio.CancelScope(shield=True):
-                await asyncio.gather(*tasks, return_exceptions=True)
+        if not tasks:
+            return
+        # Shielded: an abort must still collect the leases given back. Bounded: a handler
+        # can catch CancelledError and carry on, and a stop must not wait for it. (Not
+        # gather: cut short, it would cancel the tasks again.)
+        with anyio.CancelScope(shield=True):
+            _, running = await asyncio.wait(tasks, timeout=self.config.abandon_after)
+        for task in running:
+            self._abandon(task, self._tasks.pop(task))
+
+    def _abandon(self, task: asyncio.Task[None] | None, row: ClaimedRow) -> None:
+        """Give up on an execution that may still be running: its lease is left to expire
+        (giving it back would let another claim run it alongside) and whatever it returns
+        later is not written. ``task`` is None when its task has ended but its work has not
+        (a blocking handler's thread)."""
+        if task is not None:
+            self._abandoned[task] = row
+        self.stats.executions_abandoned += 1
+        log.warning(
+            "execution would not stop; abandoned, its lease left to expire",
+            extra={
+                "event": "dispatcher.execution_abandoned",
+                "trigger": row.trigger_name,
+                "scope": row.scope,
+                "outbox_id": row.id,
+            },
+        )
 
     def _start_execution(self, row: ClaimedRow) -> None:
         """Run ``row`` under the permit the caller already holds."""
         self._in_flight += 1
         task = asyncio.get_running_loop().create_task(self._execute(row))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = row
+        task.add_done_callback(self._execution_ended)
+
+    def _execution_ended(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
+        self._abandoned.pop(task, None)
 
     async def _wait_progress(self) -> None:
         self._progress_waiting += 1
@@ -925,6 +979,10 @@ class Dispatcher:
     async def _execute(self, row: ClaimedRow) -> None:
         try:
             decision: Decision = await self._decide(row)
+        except StillRunning:
+            # Cancelled, but the executor could not stop the work itself.
+            self._abandon(None, row)
+            raise
         except asyncio.CancelledError:
             self._submit(row, Release())
             raise
@@ -981,6 +1039,19 @@ class Dispatcher:
         return await self._executor.execute(row.target, ctx, row.timeout)
 
     def _submit(self, row: ClaimedRow, decision: Decision) -> None:
+        if self._abandoned and asyncio.current_task() in self._abandoned:
+            # An abandoned execution ended after all: the stop that gave up on it may be
+            # long over, so its outcome is dropped and its lease expires as announced.
+            log.info(
+                "abandoned execution ended; its outcome is not written",
+                extra={
+                    "event": "dispatcher.abandoned_outcome_dropped",
+                    "trigger": row.trigger_name,
+                    "scope": row.scope,
+                    "outbox_id": row.id,
+                },
+            )
+            return
         self._pending.append(Settlement(row, decision))
         if not self._settle_wake.is_set():
             self._settle_wake.set()

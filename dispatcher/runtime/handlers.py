@@ -71,6 +71,12 @@ class StoreUnavailable(Exception):
     """
 
 
+class StillRunning(asyncio.CancelledError):
+    """What an executor raises in place of the cancellation it was given when it could not
+    stop the work (a blocking handler's thread runs on): the dispatcher then leaves the
+    row's lease to expire instead of giving it back, so no other claim runs it alongside."""
+
+
 class KvSession(Protocol):
     """What the KV handle writes through; kept behind the handle so a handler never holds
     the dispatcher's pool or credentials."""
@@ -122,6 +128,7 @@ class KvHandle:
     Each write's event id is derived from the execution's idempotency key and the write's
     sequence number, so a re-execution after a lost lease does not enqueue the downstream
     triggers twice. Writes carry the root event's id, which per-root budgets count against.
+    A fault of the dispatcher's database under a call raises :class:`StoreUnavailable`.
     """
 
     __slots__ = ("__depth", "__key", "__root", "__scope", "__seq", "__session")
@@ -218,9 +225,9 @@ class HandlerRegistry:
     """The default executor: async (or blocking) Python functions by target name.
 
     Blocking handlers run in worker threads. A thread cannot be stopped, so one that
-    outlives its timeout is abandoned and counted; at most ``max_threads`` run at once
-    (abandoned ones included), and beyond that rows are rescheduled without using an
-    attempt.
+    outlives its timeout (or a shutdown's cancellation) is abandoned and counted; at most
+    ``max_threads`` run at once (abandoned ones included), and beyond that rows are
+    rescheduled without using an attempt.
     """
 
     def __init__(self, *, max_threads: int = 16) -> None:
@@ -306,6 +313,12 @@ class HandlerRegistry:
                 return Failure(FailureKind.TIMEOUT, f"blocking handler exceeded {time_limit:g}s")
             return Success(sanitize_json(value))
         except anyio.get_cancelled_exc_class():
+            # Cancelled from outside (a shutdown): the await is abandoned at once, the
+            # thread is not.
+            if not done.is_set():
+                with self._lock:
+                    self.threads_abandoned += 1
+                raise StillRunning("the blocking handler's thread is still running") from None
             raise
         except BaseException as exc:
             return _classify(exc)

@@ -41,6 +41,8 @@ class Stats:
     handled: int = 0
     handler_failed: int = 0
     released: int = 0
+    # Executions that would not stop at shutdown: left running, their leases left to expire.
+    executions_abandoned: int = 0
     parked: int = 0
     unparked: int = 0
     breakers_opened: int = 0

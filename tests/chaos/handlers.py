@@ -20,6 +20,7 @@ Environment (set by the harness): ``CHAOS_LEDGER_DSN`` (required), ``CHAOS_LOG_F
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -181,6 +182,17 @@ def build_registry(
         await anyio.sleep_forever()
         return None
 
+    async def stubborn(ctx: HandlerContext) -> object:
+        """Runs ``ms`` milliseconds whatever happens: swallows every cancellation (a
+        shutdown's, a time limit's), as a badly written handler does."""
+        ms = _value(ctx).get("ms", 0)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + (float(ms) if isinstance(ms, int | float) else 0.0) / 1000
+        while (left := until - loop.time()) > 0:
+            with contextlib.suppress(asyncio.CancelledError):  # the misbehaviour
+                await asyncio.sleep(left)
+        return {"ok": True}
+
     def block(ctx: HandlerContext) -> object:
         ledger_id = anyio.from_thread.run(led.start, _start_of(ctx))
         seconds = _value(ctx).get("seconds", 3600)
@@ -244,6 +256,7 @@ def build_registry(
 
     add("work", work)
     add("hang", hang)
+    add("stubborn", stubborn)
     add("loop", self_loop)
     add("ping", ping)
     add("pong", pong)

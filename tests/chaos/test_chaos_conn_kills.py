@@ -6,7 +6,9 @@ dispatcher is in progress; and leases backdated under slow executions.
 
 Shows: the process survives; zero loss; every duplicate is explained by a lease that was
 backdated or had expired; the completions of claims whose leases were taken over are fenced
-(dropped and counted as stale), never applied over the new claim.
+(dropped and counted as stale), never applied over the new claim. Handlers write through
+``ctx.kv`` (the dispatcher's own connections): a kill under such a write is the database's
+fault, never the handler's: it uses no attempt, makes no dead letter, opens no breaker.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class Size:
     slow: int  # slow rows whose leases are backdated mid-execution
 
 
-SHORT = Size(events=450, rate=150, every=0.1, slow=10)
+SHORT = Size(events=450, rate=150, every=0.25, slow=10)
 LONG = Size(events=6000, rate=150, every=2.0, slow=50)
 
 
@@ -102,10 +104,26 @@ async def test_connection_kills_lose_nothing(chaos: Harness, size: Size) -> None
         "work",
         namespace="orders",
         retry=RetryPolicy(base_delay=0.1, max_delay=0.5, max_attempts=5),
+        # The KV writes queue for the pool's few connections while the kills keep replacing
+        # them (0.6 s at the median, 1.6 s at worst, at ten kill rounds a second): a time
+        # limit reached there would be a timeout, which is not what this scenario is about.
+        execution_timeout=10,
     )
+    # A third of the load first, then the rest with two KV writes each, through the pool
+    # whose connections the kills end. Not before the first kill: KV writes block on the
+    # outbox lock it is landed under (an emit inserts into the outbox) and would take every
+    # connection of the pool, leaving none for the settlement that the lock waits for.
     mutations = [
-        Mutation("acme", "orders", f"o/{i}", Op.PUT, {"ms": [5, 20]}) for i in range(size.events)
+        Mutation(
+            "acme",
+            "orders",
+            f"o/{i}",
+            Op.PUT,
+            {"ms": [5, 20]} if i < size.events // 3 else {"ms": [5, 20], "kv": 2},
+        )
+        for i in range(size.events)
     ]
+    first, rest = mutations[: size.events // 3], mutations[size.events // 3 :]
     slow = [Mutation("acme", "orders", f"slow/{i}", Op.PUT, {"ms": [300, 400]}) for i in range(5)]
     expected = expected_pairs([work], [*mutations, *slow])
     kills = 0
@@ -116,9 +134,12 @@ async def test_connection_kills_lose_nothing(chaos: Harness, size: Size) -> None
     await chaos.wait_ready(proc)
     async with anyio.create_task_group() as tg:
         done = anyio.Event()
+        first_kill = anyio.Event()
 
         async def producer() -> None:
-            await chaos.produce(mutations, rate=size.rate)
+            await chaos.produce(first, rate=size.rate)
+            await first_kill.wait()
+            await chaos.produce(rest, rate=size.rate)
             done.set()
 
         tg.start_soon(producer)
@@ -133,9 +154,20 @@ async def test_connection_kills_lose_nothing(chaos: Harness, size: Size) -> None
         async with chaos.mid_settlement(proc.app):
             terminated += await chaos.terminate_backends(proc.app)
         kills += 1
-        while not done.is_set() and proc.alive():
+        first_kill.set()
+
+        async def all_started() -> bool:
+            n: int = await chaos.fetchval(
+                "SELECT count(DISTINCT key) FROM public.chaos_ledger WHERE key LIKE 'o/%'"
+            )
+            return n == len(mutations)
+
+        # Kills until every row has started at least once, not only until the last is
+        # emitted: rows a killed dispatcher had not got to would otherwise run, with their
+        # KV writes, after the faults.
+        while proc.alive() and not (done.is_set() and await all_started()):
             with anyio.move_on_after(size.every):
-                await done.wait()  # the kill interval: the fault's rhythm
+                await anyio.sleep_forever()  # the kill interval: the fault's rhythm
             terminated += await chaos.terminate_backends(proc.app)
             kills += 1
         tg.cancel_scope.cancel()
@@ -147,12 +179,25 @@ async def test_connection_kills_lose_nothing(chaos: Harness, size: Size) -> None
     report = await chaos.check(expected)
     report.assert_ok(max_duplicates=None)
     stale = sum(int(r["extra"].get("count", 0)) for r in proc.events("dispatcher.stale"))
+    kv_faults = await chaos.ledger_count("note ->> 'error' = 'StoreUnavailable'")
+    failed = await chaos.ledger_count("outcome = 'failed'")
+    breakers = await chaos.fetchval(
+        "SELECT count(*) FROM dispatcher.breakers WHERE opened_count > 0"
+    )
+    opened = len(proc.events("dispatcher.breaker_opened"))
     record(
         "4-conn-kills",
         size="long" if size is LONG else "short",
         kill_rounds=kills,
         backends_terminated=terminated,
         stale_results_fenced=stale,
+        kv_writes_cut=kv_faults,
+        handler_failures=failed,
+        breakers_opened=opened,
         **report.summary(),
     )
     assert report.dead_letters == 0
+    # Every kill under a handler's KV write was charged to the database: rescheduled without
+    # an attempt, never a handler failure, never counted by a breaker.
+    assert failed == 0
+    assert (breakers, opened) == (0, 0)

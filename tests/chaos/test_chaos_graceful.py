@@ -2,7 +2,10 @@
 
 Shows: exit status 0 within the grace period, in-flight work finishes, zero duplicates, no
 row left leased; past the grace period the unfinished executions are cancelled and their
-leases given back; a second signal aborts at once and still leaves nothing leased.
+leases given back; a second signal aborts at once and still leaves nothing leased; handlers
+that swallow cancellation cannot hold a stop past the grace period plus ``abandon_after``:
+they are abandoned with their leases, which are left to expire (never given back while the
+execution may still run).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from dispatcher import Mutation, Op, RetryPolicy
+from dispatcher import DispatcherConfig, Mutation, Op, RetryPolicy
 from tests.chaos.harness import (
     Harness,
     Pair,
@@ -29,6 +32,8 @@ pytestmark = pytest.mark.anyio
 
 # A process needs this long beyond its grace period to close its pool and exit.
 EXIT_SLACK = 3.0
+# How long cancelled executions get to stop before they are abandoned (the CLI's default).
+ABANDON_AFTER = DispatcherConfig().abandon_after
 
 
 @dataclass(frozen=True)
@@ -167,3 +172,46 @@ async def test_second_signal_aborts_and_still_leaves_nothing_leased(
     await _finish(chaos, expected)
     report = await chaos.check(expected)
     report.assert_ok(max_duplicates=size.in_flight)
+
+
+@sizes(SHORT, LONG)
+async def test_handlers_that_swallow_cancellation_cannot_hold_the_stop(
+    chaos: Harness, size: Size
+) -> None:
+    grace = 1.0
+    n = size.in_flight
+    t = await chaos.trigger(
+        "stubborn", "stubborn", retry=RetryPolicy(max_attempts=3), execution_timeout=10
+    )
+    # Each runs 6 s whatever it is told: past the grace period and abandon_after together.
+    mutations = [Mutation("acme", "ns", f"k/{i}", Op.PUT, {"ms": 6000}) for i in range(n)]
+    await chaos.emit(mutations)
+    expected = expected_pairs([t], mutations)
+    proc = chaos.spawn("chaos-stubborn", concurrency=size.concurrency, grace=grace)
+    await chaos.wait_ready(proc)
+    await _running(chaos, proc, n)
+    sent = time.monotonic()
+    chaos.signal(proc, signal.SIGTERM)
+    code = await chaos.wait_exit(proc, within=grace + ABANDON_AFTER + EXIT_SLACK)
+    exit_seconds = time.monotonic() - sent
+    assert code == 0, proc.stderr()[-3000:]
+    # Abandoned, not given back: another claim must not run them while they may still run.
+    leased = await chaos.outbox_count("lease_token IS NOT NULL AND due_at > clock_timestamp()")
+    abandoned = len(proc.events("dispatcher.execution_abandoned"))
+    record(
+        "2-stubborn",
+        size="long" if size is LONG else "short",
+        abandoned=abandoned,
+        exit_seconds=round(exit_seconds, 2),
+        grace_s=grace,
+        abandon_after_s=ABANDON_AFTER,
+        leased_after_exit=leased,
+    )
+    assert leased == n
+    assert abandoned == n
+    # Expire the leases now rather than wait them out; the checker allows exactly these
+    # re-runs (of executions whose lease was backdated).
+    assert await chaos.backdate_leases() == n
+    await _finish(chaos, expected)
+    report = await chaos.check(expected)
+    report.assert_ok(max_duplicates=n)

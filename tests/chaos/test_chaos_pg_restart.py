@@ -2,7 +2,8 @@
 
 Shows: the dispatcher process stays up; it resumes executing within 5 s of Postgres
 accepting connections; zero loss; the outage consumes no attempt (``max_attempts=1``: a
-consumed attempt would be a dead letter) and causes no dead letter; a lost connection is
+consumed attempt would be a dead letter) and causes no dead letter, also for handlers whose
+``ctx.kv`` write it cut (no handler failure, no breaker counting it); a lost connection is
 logged once (unavailable, then recovered).
 """
 
@@ -51,8 +52,10 @@ async def test_postgres_restart_is_not_a_handler_failure(chaos: Harness, size: S
     # One attempt only: an outage that consumed an attempt would dead-letter the row. The
     # timeout outlasts the outage, so handlers waiting to write their ledger are not cut.
     t = await chaos.trigger("work", "work", retry=RetryPolicy(max_attempts=1), execution_timeout=30)
+    # Each handler writes through ctx.kv, on the dispatcher's own connections.
     mutations = [
-        Mutation("acme", "ns", f"k/{i}", Op.PUT, {"ms": [5, 20]}) for i in range(size.events)
+        Mutation("acme", "ns", f"k/{i}", Op.PUT, {"ms": [5, 20], "kv": 1})
+        for i in range(size.events)
     ]
     expected = expected_pairs([t], mutations)
     proc = chaos.spawn("chaos-pg")
@@ -95,6 +98,11 @@ async def test_postgres_restart_is_not_a_handler_failure(chaos: Harness, size: S
     assert await chaos.ledger_count("attempt <> 1") == 0
     unavailable = proc.events("dispatcher.db_unavailable")
     recovered = proc.events("dispatcher.db_recovered")
+    kv_faults = await chaos.ledger_count("note ->> 'error' = 'StoreUnavailable'")
+    failed = await chaos.ledger_count("outcome = 'failed'")
+    breakers = await chaos.fetchval(
+        "SELECT count(*) FROM dispatcher.breakers WHERE opened_count > 0"
+    )
     record(
         "3-pg-restart",
         size="long" if size is LONG else "short",
@@ -102,9 +110,14 @@ async def test_postgres_restart_is_not_a_handler_failure(chaos: Harness, size: S
         resumed_after_s=[round(r, 2) for r in resumed],
         unavailable_logs=len(unavailable),
         recovered_logs=len(recovered),
+        kv_writes_cut=kv_faults,
+        handler_failures=failed,
         **report.summary(),
     )
     assert max(resumed) <= RESUME_WITHIN, resumed
+    assert failed == 0
+    assert breakers == 0
+    assert not proc.events("dispatcher.breaker_opened")
 
 
 async def test_a_lost_connection_is_logged_once(chaos: Harness) -> None:

@@ -35,6 +35,7 @@ from dispatcher.core.routing import (
     HANDLER_ORPHAN_MESSAGE,
     HTTP_STATUS,
     SYNC_ORPHAN_MESSAGE,
+    UNAVAILABLE_MIN_DELAY,
     admit,
     http_status,
     route,
@@ -111,9 +112,10 @@ PD = FailureKind.PERMISSION_DENIED
 RL = FailureKind.RATE_LIMITED
 GS = FailureKind.GATE_SATURATED
 PE = FailureKind.PERMANENT
+UA = FailureKind.UNAVAILABLE
 R = DeadLetterReason
 
-EXPECTED_STATUS = {HE: 500, TO: 504, NF: 404, PD: 403, RL: 429, GS: 503, PE: 422}
+EXPECTED_STATUS = {HE: 500, TO: 504, NF: 404, PD: 403, RL: 429, GS: 503, PE: 422, UA: 503}
 
 
 def test_http_status_table_covers_every_kind_with_its_code() -> None:
@@ -405,6 +407,66 @@ ASYNC_CASES: list[tuple[str, ClaimedRow, ExecutionResult, Outcome]] = [
         fail(RL, retry_after=10.0),
         Reschedule(10.0, RL, err(1, RL)),
     ),
+    (
+        "unavailable reschedules after the policy's delay",
+        make_row(),
+        fail(UA),
+        Reschedule(2.5, UA, err(1, UA)),
+    ),
+    (
+        "unavailable backs off from the consumed attempts",
+        make_row(attempts=2),
+        fail(UA),
+        Reschedule(22.5, UA, err(3, UA)),
+    ),
+    (
+        "unavailable on the last attempt reschedules without using it",
+        make_row(attempts=LAST),
+        fail(UA),
+        Reschedule(67.5, UA, err(4, UA)),
+    ),
+    (
+        "unavailable ignores orphans in the budget",
+        make_row(attempts=1, orphans=2),
+        fail(UA),
+        Reschedule(7.5, UA, err(2, UA)),
+    ),
+    (
+        "unavailable ignores retry_after",
+        make_row(),
+        fail(UA, retry_after=100.0),
+        Reschedule(2.5, UA, err(1, UA)),
+    ),
+    (
+        "unavailable under a policy without delays waits the floor",
+        make_row(policy=replace(POLICY, base_delay=0.0, max_delay=0.0)),
+        fail(UA),
+        Reschedule(UNAVAILABLE_MIN_DELAY, UA, err(1, UA)),
+    ),
+    (
+        "unavailable up to max_event_age reschedules",
+        make_row(policy=AGED, age=57.5),
+        fail(UA),
+        Reschedule(2.5, UA, err(1, UA)),
+    ),
+    (
+        "unavailable past max_event_age expires without consuming an attempt",
+        make_row(policy=AGED, age=50.0, attempts=2),
+        fail(UA),
+        DeadLetter(R.EXPIRED, 2, err(3, UA)),
+    ),
+    (
+        "unavailable past the dispatcher's age bound expires",
+        make_row(age=998.0),
+        fail(UA),
+        DeadLetter(R.EXPIRED, 0, err(1, UA)),
+    ),
+    (
+        "unavailable is not parked, whatever the policy parks",
+        make_row(policy=replace(POLICY, park_on=frozenset({"permission_denied"}))),
+        fail(UA),
+        Reschedule(2.5, UA, err(1, UA)),
+    ),
     ("gate saturated reschedules", make_row(), fail(GS), Reschedule(GATE_DELAY, GS, None)),
     (
         "gate saturated on the last attempt reschedules",
@@ -603,8 +665,23 @@ def test_delays_are_finite_and_bounded(row: ClaimedRow, result: ExecutionResult,
         assert math.isfinite(outcome.delay)
         assert outcome.delay >= 0.0
         bound = row.policy.max_event_age or LIMITS.max_rate_limited_age
-        if outcome.kind is RL:
+        if outcome.kind in (RL, UA):
             assert row.age + outcome.delay <= bound
+        if outcome.kind is UA:
+            assert outcome.delay >= UNAVAILABLE_MIN_DELAY
+
+
+@PROPERTY
+@given(row=rows("async"), seed=seeds)
+def test_unavailable_never_uses_an_attempt(row: ClaimedRow, seed: int) -> None:
+    outcome = route(row, fail(UA), LIMITS, random.Random(seed))
+    if row.depth > LIMITS.max_trigger_depth:
+        assert isinstance(outcome, SkipDepth)
+    elif isinstance(outcome, DeadLetter):
+        assert (outcome.reason, outcome.attempts) == (R.EXPIRED, row.attempts)
+    else:
+        assert isinstance(outcome, Reschedule)
+        assert outcome.kind is UA
 
 
 @PROPERTY
