@@ -106,10 +106,10 @@ def _start_of(ctx: HandlerContext) -> Start:
 def _outcome(exc: BaseException) -> str:
     if isinstance(exc, anyio.get_cancelled_exc_class()):
         return "cancelled"
-    if isinstance(exc, RateLimited | StoreUnavailable):
-        # Both are rescheduled without using an attempt, which the checker knows by the
-        # outcome "rate_limited"; the error note says which of the two it was.
+    if isinstance(exc, RateLimited):
         return "rate_limited"
+    if isinstance(exc, StoreUnavailable):
+        return "unavailable"
     return "failed"
 
 

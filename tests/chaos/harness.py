@@ -76,6 +76,11 @@ async def wait_until(
         ) from None
 
 
+# Ledger outcomes of executions rescheduled without using an attempt (a rate limit, a fault
+# of the dispatcher's own database under ctx.kv): the next one repeats their attempt number.
+NO_ATTEMPT = frozenset({"rate_limited", "unavailable"})
+
+
 class ProcessDied(AssertionError):
     """A dispatcher under test exited when it should have kept running."""
 
@@ -653,14 +658,14 @@ class Report:
             t = by_trigger.get(pair[1])
             counted = 0
             for i, e in enumerate(es):
-                if e["outcome"] != "rate_limited":
+                if e["outcome"] not in NO_ATTEMPT:
                     counted += 1
                 if i == 0:
                     continue
                 prev = es[i - 1]
                 backdated_prev = prev["lease_token"] in backdated
                 rerun = prev["outcome"] == "success" or (
-                    e["attempt"] <= prev["attempt"] and prev["outcome"] != "rate_limited"
+                    e["attempt"] <= prev["attempt"] and prev["outcome"] not in NO_ATTEMPT
                 )
                 if rerun:
                     duplicates_by_pid[prev["pid"]] += 1
