@@ -40,9 +40,11 @@ from dispatcher.core.sanitize import sanitize_json, sanitize_text
 # lost the same permit do not all come back at the same instant.
 GATE_JITTER = 0.5
 
-# The shortest wait before a row whose handler met a database fault (UNAVAILABLE) runs
-# again: such a row uses no attempt, so a policy without delays would otherwise re-run it
-# as fast as the poller claims, for as long as the database keeps failing.
+# The shortest wait before a row rescheduled without using an attempt runs again, when the
+# wait comes from the policy's backoff (a database fault under the handler, UNAVAILABLE; a
+# rate limit with no usable retry-after): a policy without delays would otherwise re-run it
+# as fast as the poller claims, for as long as the event's age allows (a day by default).
+# Found by the property test: RateLimited(nan) under a zero-delay policy spun for its age.
 UNAVAILABLE_MIN_DELAY = 0.5
 
 SYNC_ORPHAN_MESSAGE = (
@@ -195,7 +197,7 @@ def _route_failure(row: ClaimedRow, failure: Failure, limits: Limits, rng: Rando
                 # A storable wait: the event-age bound below decides whether it is kept.
                 delay = clamp_delay(retry_after)
             else:
-                delay = backoff_delay(policy, row.attempts + 1, rng)
+                delay = max(backoff_delay(policy, row.attempts + 1, rng), UNAVAILABLE_MIN_DELAY)
             # Rescheduling consumes no attempt, so only the event's age bounds a target that
             # keeps rate-limiting.
             bound = (

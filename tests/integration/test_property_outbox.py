@@ -173,7 +173,10 @@ async def test_nothing_entering_the_outbox_stops_the_loop_or_goes_missing(
                 written[0].outbox_id,
             )
 
-    config = DispatcherConfig(poll_interval=0.02, grace_period=2, listen=False)
+    # Rate limits use no attempt: only the event's age ends a target that keeps asking.
+    config = DispatcherConfig(
+        poll_interval=0.02, grace_period=2, listen=False, max_rate_limited_age=3
+    )
     d = Dispatcher(dsn, build_handlers(by_key), config=config)
     stats = await d.run_until_idle(time_limit=60)
 

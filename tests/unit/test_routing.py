@@ -371,6 +371,15 @@ ASYNC_CASES: list[tuple[str, ClaimedRow, ExecutionResult, Outcome]] = [
         )
         for value in (0.0, -5.0, math.nan, math.inf)
     ],
+    *[
+        (
+            f"rate limited with retry_after {value} under a policy without delays waits the floor",
+            make_row(policy=replace(POLICY, base_delay=0.0, max_delay=0.0)),
+            fail(RL, retry_after=value),
+            Reschedule(UNAVAILABLE_MIN_DELAY, RL, err(1, RL)),
+        )
+        for value in (None, math.nan)
+    ],
     (
         "rate limited up to max_event_age reschedules",
         make_row(policy=AGED, age=50.0),
