@@ -22,7 +22,7 @@ import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Literal, TypeAlias, cast
 
 import asyncpg
@@ -85,6 +85,28 @@ def parse_duration(text: str) -> timedelta:
     except OverflowError:
         raise InvalidInput("duration", text, f"must be at most {MAX_DURATION.days}d") from None
     return _check_duration("duration", value)
+
+
+def parse_moment(text: str) -> timedelta | datetime:
+    """Parse a duration (that long ago, as :func:`parse_duration` reads it) or an ISO
+    datetime (a naive one is taken as UTC).
+
+    >>> parse_moment("2026-11-22T10:00:00")
+    datetime.datetime(2026, 11, 22, 10, 0, tzinfo=datetime.timezone.utc)
+    """
+    try:
+        return parse_duration(text)
+    except InvalidInput:
+        pass
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise InvalidInput(
+            "moment",
+            text,
+            "expected a duration (7d, 12h, 30m, 45s) or an ISO datetime (2026-11-22T10:00:00Z)",
+        ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _check_duration(name: str, value: timedelta) -> timedelta:

@@ -7,15 +7,21 @@ dropped: paused, held and parked rows stay in the outbox with their attempt coun
 >>> await flow.pause(conn, scope="acme", note="upstream maintenance")
 >>> await flow.resume(conn, scope="acme")
 >>> await flow.unpark(conn, trigger_id=7, limit=500)
+
+An operator names a trigger by id or as ``SCOPE/NAME``: :func:`parse_trigger_ref` reads that,
+:meth:`FlowControl.trigger_id` resolves it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TypeAlias
 
-from dispatcher.core.errors import InvalidInput
+from dispatcher.core.errors import DispatcherError, InvalidInput, TriggerNotFound
 from dispatcher.core.models import JsonValue, check_name
 from dispatcher.db import Connection
 from dispatcher.schema import DEFAULT_SCHEMA
@@ -24,6 +30,48 @@ from dispatcher.sql.admin import admin_queries
 from dispatcher.triggers import TriggerRegistry
 
 MAX_UNPARK_BATCH = 10_000
+
+# A trigger as an operator names it: its id, or (scope, name).
+TriggerRef: TypeAlias = int | tuple[str, str]
+
+_BIGINT_MAX = 2**63 - 1
+_DIGITS = re.compile(r"[0-9]+")
+
+
+class NotPaused(DispatcherError, LookupError):
+    """:meth:`FlowControl.resume_target` found no pause on its target."""
+
+
+class NoBreaker(DispatcherError, LookupError):
+    """:meth:`FlowControl.reset_breaker_of` found no breaker for the trigger."""
+
+
+def parse_trigger_ref(text: str) -> TriggerRef:
+    """A trigger id (``7``) or ``SCOPE/NAME`` (split at the first ``/``).
+
+    >>> parse_trigger_ref("acme/welcome")
+    ('acme', 'welcome')
+    """
+    stripped = text.strip()
+    if _DIGITS.fullmatch(stripped):
+        # Length first: int() of thousands of digits raises, and no id has over 19.
+        if len(stripped.lstrip("0")) <= 19 and 1 <= int(stripped) <= _BIGINT_MAX:
+            return int(stripped)
+    else:
+        scope, _, name = stripped.partition("/")
+        if scope and name:
+            return scope, name
+    raise InvalidInput(
+        "trigger", text, "expected a trigger id (e.g. 7) or SCOPE/NAME (e.g. acme/welcome)"
+    )
+
+
+def _target_text(scope: str | None, trigger_id: int | None, trigger_name: str | None) -> str:
+    if trigger_id is not None:
+        return f"trigger {trigger_id}" + (f" ({trigger_name})" if trigger_name else "")
+    if scope is not None:
+        return f"scope {scope}"
+    return "everything"
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,13 +85,7 @@ class Pause:
 
     @property
     def target(self) -> str:
-        if self.trigger_id is not None:
-            return f"trigger {self.trigger_id}" + (
-                f" ({self.trigger_name})" if self.trigger_name else ""
-            )
-        if self.scope is not None:
-            return f"scope {self.scope}"
-        return "everything"
+        return _target_text(self.scope, self.trigger_id, self.trigger_name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +138,19 @@ def _check_target(scope: str | None, trigger_id: int | None, *, everything: bool
 class FlowControl:
     schema: str = DEFAULT_SCHEMA
 
+    async def trigger_id(self, conn: Connection, ref: TriggerRef) -> int:
+        """The id of a trigger named by id (taken as it is: a deleted trigger may still have
+        pauses, parked rows or a breaker) or by scope and name (looked up; unknown raises
+        :class:`~dispatcher.core.errors.TriggerNotFound`).
+
+        >>> await FlowControl().trigger_id(conn, ("acme", "welcome"))
+        1
+        """
+        if isinstance(ref, int):
+            return ref
+        scope, name = ref
+        return (await TriggerRegistry(self.schema).get_by_name(conn, scope, name)).id
+
     async def pause(
         self,
         conn: Connection,
@@ -134,6 +189,29 @@ class FlowControl:
         row = await conn.fetchrow(queries(self.schema).resume, scope, trigger_id)
         assert row is not None
         return bool(row["resumed"])
+
+    async def resume_target(
+        self,
+        conn: Connection,
+        *,
+        scope: str | None = None,
+        trigger: TriggerRef | None = None,
+        everything: bool = False,
+    ) -> str:
+        """:meth:`resume` with the trigger named by id or (scope, name); returns what was
+        resumed, worded as :attr:`Pause.target` words it. Raises :class:`NotPaused`, naming
+        what is paused now, when that target was not paused.
+
+        >>> await FlowControl().resume_target(conn, trigger=("acme", "welcome"))
+        'trigger 1 (welcome)'
+        """
+        tid = None if trigger is None else await self.trigger_id(conn, trigger)
+        target = await self._describe(conn, scope, tid, trigger)
+        if await self.resume(conn, scope=scope, trigger_id=tid, everything=everything):
+            return target
+        active = [p.target for p in await self.pauses(conn)]
+        now = f"paused now: {', '.join(active)}" if active else "nothing is paused"
+        raise NotPaused(f"{target} is not paused ({now})")
 
     async def pauses(self, conn: Connection) -> list[Pause]:
         rows = await conn.fetch(queries(self.schema).list_pauses)
@@ -226,6 +304,36 @@ class FlowControl:
         row = await conn.fetchrow(admin_queries(self.schema).reset_breaker, trigger_id)
         assert row is not None  # an aggregate query always returns one row
         return bool(row["reset"])
+
+    async def reset_breaker_of(self, conn: Connection, trigger: TriggerRef) -> str:
+        """:meth:`reset_breaker` with the trigger named by id or (scope, name); returns it,
+        worded as :attr:`Pause.target` words it. Raises :class:`NoBreaker` when it has none.
+
+        >>> await FlowControl().reset_breaker_of(conn, 2)
+        'trigger 2 (crm-sync)'
+        """
+        tid = await self.trigger_id(conn, trigger)
+        target = await self._describe(conn, None, tid, trigger)
+        if not await self.reset_breaker(conn, tid):
+            raise NoBreaker(f"{target} has no breaker (it never counted a failure)")
+        return target
+
+    async def _describe(
+        self,
+        conn: Connection,
+        scope: str | None,
+        trigger_id: int | None,
+        ref: TriggerRef | None,
+    ) -> str:
+        """What an action named, worded as :attr:`Pause.target` words it."""
+        name = None
+        if isinstance(ref, tuple):
+            name = ref[1]
+        elif trigger_id is not None:
+            # A deleted trigger's pause or breaker may outlive it: then it has no name.
+            with contextlib.suppress(TriggerNotFound):
+                name = (await TriggerRegistry(self.schema).get(conn, trigger_id)).name
+        return _target_text(scope, trigger_id, name)
 
 
 def _check_limit(limit: int) -> None:
