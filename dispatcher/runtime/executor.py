@@ -1,0 +1,194 @@
+"""Executions: one task per admitted row, under a gate permit its caller took; each ends
+in a decision handed to the settler. At a stop, what will not end is abandoned."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import replace
+
+import anyio
+
+from dispatcher.core.outcomes import (
+    ClaimedRow,
+    ExecutionResult,
+    Failure,
+    FailureKind,
+    Limits,
+    Success,
+)
+from dispatcher.core.policy import RandomSource
+from dispatcher.core.redact import Redactor
+from dispatcher.core.routing import route
+from dispatcher.runtime.gate import ExecutionGate
+from dispatcher.runtime.handlers import Executor, HandlerContext, KvHandle, StillRunning
+from dispatcher.runtime.kv_session import root_of
+from dispatcher.runtime.principals import PrincipalResolver
+from dispatcher.runtime.settle import Decision, Release
+from dispatcher.runtime.settler import Settler
+from dispatcher.runtime.signals import Signals
+from dispatcher.runtime.stats import Recorder, Stats
+
+log = logging.getLogger("dispatcher")
+
+
+class Executions:
+    def __init__(
+        self,
+        *,
+        executor: Executor,
+        principals: PrincipalResolver,
+        gate: ExecutionGate,
+        settler: Settler,
+        signals: Signals,
+        stats: Stats,
+        recorder: Recorder,
+        limits: Limits,
+        rng: RandomSource,
+        redactor: Redactor,
+        abandon_after: float,
+    ) -> None:
+        self._executor = executor
+        self._principals = principals
+        self._gate = gate
+        self._settler = settler
+        self._signals = signals
+        self._stats = stats
+        self.recorder = recorder
+        self._limits = limits
+        self._rng = rng
+        self._redactor = redactor
+        self._abandon_after = abandon_after
+        # Executions are plain asyncio tasks (asyncpg ties the dispatcher to asyncio anyway):
+        # spawning one per row through a task group costs more than a no-op handler.
+        self._tasks: dict[asyncio.Task[None], ClaimedRow] = {}
+        # Executions a stop gave up on, still running: their outcomes are never written.
+        self._abandoned: dict[asyncio.Task[None], ClaimedRow] = {}
+        self.in_flight = 0
+        # The id handlers' KV handles write through (set while the dispatcher runs).
+        self.kv_session: int | None = None
+
+    @property
+    def abandoned(self) -> bool:
+        return bool(self._abandoned)
+
+    def start(self, row: ClaimedRow) -> None:
+        """Run ``row`` under the permit the caller already holds."""
+        self.in_flight += 1
+        task = asyncio.get_running_loop().create_task(self._execute(row))
+        self._tasks[task] = row
+        task.add_done_callback(self._ended)
+
+    async def cancel_all(self) -> None:
+        """Cancel what still runs and wait, at most ``abandon_after`` seconds, for each to
+        give its lease back; abandon the ones that do not stop."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if not tasks:
+            return
+        # Shielded: an abort must still collect the leases given back. Bounded: a handler
+        # can catch CancelledError and carry on, and a stop must not wait for it. (Not
+        # gather: cut short, it would cancel the tasks again.)
+        with anyio.CancelScope(shield=True):
+            _, running = await asyncio.wait(tasks, timeout=self._abandon_after)
+        for task in running:
+            self._abandon(task, self._tasks.pop(task))
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
+        self._abandoned.pop(task, None)
+
+    def _abandon(self, task: asyncio.Task[None] | None, row: ClaimedRow) -> None:
+        """Give up on an execution that may still be running: its lease is left to expire
+        (giving it back would let another claim run it alongside) and whatever it returns
+        later is not written. ``task`` is None when its task has ended but its work has not
+        (a blocking handler's thread)."""
+        if task is not None:
+            self._abandoned[task] = row
+        self._stats.executions_abandoned += 1
+        log.warning(
+            "execution would not stop; abandoned, its lease left to expire",
+            extra={
+                "event": "dispatcher.execution_abandoned",
+                "trigger": row.trigger_name,
+                "scope": row.scope,
+                "outbox_id": row.id,
+            },
+        )
+
+    async def _execute(self, row: ClaimedRow) -> None:
+        try:
+            decision: Decision = await self._decide(row)
+        except StillRunning:
+            # Cancelled, but the executor could not stop the work itself.
+            self._abandon(None, row)
+            raise
+        except asyncio.CancelledError:
+            self._submit(row, Release())
+            raise
+        finally:
+            self._gate.release()
+            self.in_flight -= 1
+            self._signals.notify_progress()
+        self._submit(row, decision)
+
+    def _submit(self, row: ClaimedRow, decision: Decision) -> None:
+        if self._abandoned and asyncio.current_task() in self._abandoned:
+            # An abandoned execution ended after all: the stop that gave up on it may be
+            # long over, so its outcome is dropped and its lease expires as announced.
+            log.info(
+                "abandoned execution ended; its outcome is not written",
+                extra={
+                    "event": "dispatcher.abandoned_outcome_dropped",
+                    "trigger": row.trigger_name,
+                    "scope": row.scope,
+                    "outbox_id": row.id,
+                },
+            )
+            return
+        self._settler.submit(row, decision)
+
+    async def _decide(self, row: ClaimedRow) -> Decision:
+        # Admission (depth, orphans, age) was decided by the poller before the permit.
+        self._stats.executed += 1
+        started = time.perf_counter()
+        result = await self._run_target(row)
+        self.recorder.execution(
+            time.perf_counter() - started,
+            "success" if isinstance(result, Success) else result.kind.value,
+        )
+        if isinstance(result, Failure) and self._redactor.enabled:
+            # Error text is kept in the outbox, dead letters and replies to gone callers.
+            # Redact the whole text (the executor keeps up to 64 KiB of it): route() cuts it
+            # to 8 KiB only afterwards, so no secret is cut in half before it is seen.
+            secrets = self._redactor.secrets_in(row.payload)
+            result = replace(result, message=self._redactor.redact_text(result.message, secrets))
+        return route(row, result, self._limits, self._rng)
+
+    async def _run_target(self, row: ClaimedRow) -> ExecutionResult:
+        try:
+            principal = await self._principals.resolve(row.registered_by)
+        except Exception as exc:  # a broken resolver fails this attempt, not the dispatcher
+            return Failure(FailureKind.HANDLER_ERROR, f"principal resolver failed: {exc!r}")
+        if principal is None:
+            return Failure(
+                FailureKind.PERMISSION_DENIED,
+                f"principal {row.registered_by!r} is unknown or revoked",
+            )
+        assert self.kv_session is not None
+        payload = row.payload if isinstance(row.payload, dict) else {"value": row.payload}
+        key = row.idempotency_key
+        ctx = HandlerContext(
+            event=payload,
+            principal=principal,
+            attempt=row.attempts + 1,
+            idempotency_key=key,
+            scope=row.scope,
+            trigger_name=row.trigger_name,
+            trigger_id=row.trigger_id,
+            depth=row.depth,
+            kv=KvHandle(self.kv_session, row.scope, row.depth, key, root_of(payload, row.event_id)),
+        )
+        return await self._executor.execute(row.target, ctx, row.timeout)

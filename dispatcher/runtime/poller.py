@@ -1,0 +1,241 @@
+"""The poller: claims due rows in batches no larger than the gate's free permits, decides
+before taking a permit which rows run at all, and hands the others' outcomes straight to
+the settler."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from datetime import UTC, datetime
+
+import anyio
+import asyncpg
+
+from dispatcher.core.outcomes import (
+    ClaimedRow,
+    DeadLetter,
+    DeadLetterReason,
+    ErrorRecord,
+    Failure,
+    FailureKind,
+    Limits,
+    Outcome,
+)
+from dispatcher.core.policy import RandomSource
+from dispatcher.core.redact import Redactor
+from dispatcher.core.routing import admit, route
+from dispatcher.core.sanitize import describe_exception
+from dispatcher.runtime.config import DispatcherConfig
+from dispatcher.runtime.connections import DB_ERRORS, Connections
+from dispatcher.runtime.executor import Executions
+from dispatcher.runtime.gate import ExecutionGate
+from dispatcher.runtime.rows import row_from_record, undecodable_row
+from dispatcher.runtime.settle import Release
+from dispatcher.runtime.settler import Settler
+from dispatcher.runtime.signals import Signals
+from dispatcher.runtime.stats import Phase, Recorder, Stats
+from dispatcher.sql import Sql
+
+log = logging.getLogger("dispatcher")
+
+# After a wake-up hint, poll every LINGER_POLL seconds for NOTIFY_LINGER seconds.
+NOTIFY_LINGER = 0.05
+LINGER_POLL = 0.005
+
+
+class Poller:
+    def __init__(
+        self,
+        *,
+        sql: Sql,
+        config: DispatcherConfig,
+        connections: Connections,
+        executions: Executions,
+        settler: Settler,
+        gate: ExecutionGate,
+        signals: Signals,
+        stats: Stats,
+        recorder: Recorder,
+        rng: RandomSource,
+        redactor: Redactor,
+        inbox_id: str,
+    ) -> None:
+        self._sql = sql
+        self._config = config
+        self._limits: Limits = config.limits
+        self._connections = connections
+        self._executions = executions
+        self._settler = settler
+        self._gate = gate
+        self._signals = signals
+        self._stats = stats
+        self.recorder = recorder
+        self._rng = rng
+        self._redactor = redactor
+        self._inbox_id = inbox_id
+        self.claiming = False
+        self.last_claim_at: datetime | None = None
+        self._last_notify = -1e9
+        # The claim loop's reconnect backoff, reset by each successful claim.
+        self._delay = config.reconnect_min
+
+    def hinted(self) -> None:
+        """A wake-up hint arrived (NOTIFY): claim now, and poll again soon after."""
+        self._last_notify = time.monotonic()
+        self._signals.wake_poller()
+
+    async def loop(self) -> None:
+        """Claim until a stop begins, then give executions the grace period."""
+        cfg = self._config
+        signals = self._signals
+        while not signals.stopping:
+            if await self._held_back():
+                continue
+            want = min(cfg.batch_size, self._gate.free)
+            if want == 0:  # permits held by synchronous calls alone
+                await self._gate.wait_free(1)
+                continue
+            signals.rearm_wake()
+            started = time.perf_counter()
+            records = await self._claim(want)
+            if records is None:
+                continue
+            self._dispatch(records)
+            if len(records) == want and not signals.is_stopping():
+                continue  # a full batch: more is probably due, claim again at once
+            signals.phase = Phase.EXECUTING if self._executions.in_flight else Phase.IDLE
+            # Ticks start every poll interval, whatever the claim took: a row that became
+            # due waits at most one interval (plus a claim), not an interval plus the claim
+            # and the dispatch of its batch.
+            wait = max(0.0, cfg.poll_interval - (time.perf_counter() - started))
+            if time.monotonic() - self._last_notify < NOTIFY_LINGER:
+                # Producers send at most one hint per notify_interval: while hints keep
+                # coming, poll again soon for rows whose hint was folded into an earlier one.
+                wait = min(wait, LINGER_POLL)
+            with anyio.move_on_after(wait):
+                await signals.wake.wait()
+        signals.phase = Phase.STOPPING
+        with anyio.move_on_after(cfg.grace_period):
+            while self._executions.in_flight:
+                await signals.wait_progress()
+        # Past the grace period: cancel what still runs; each gives its lease back.
+        await self._executions.cancel_all()
+
+    async def _held_back(self) -> bool:
+        """Wait (bounded) while claiming now would be wrong; True if the loop should look
+        again before claiming."""
+        cfg = self._config
+        signals = self._signals
+        if len(self._settler.pending) >= cfg.max_pending_settlements:
+            # Settlements are behind (a lock, a slow disk, an outage of the settler's
+            # connection): claiming more would only add leases and memory.
+            signals.phase = Phase.SETTLING
+            with anyio.move_on_after(cfg.poll_interval):
+                await signals.wait_progress()
+            return True
+        if signals.draining:
+            signals.phase = Phase.DRAINING
+            await signals.rearm_wake().wait()
+            return True
+        # Claim again once this many permits are free (or nothing runs): one claim of half
+        # a batch instead of many claims of a row or two as executions trickle out.
+        refill = max(1, min(cfg.batch_size, cfg.concurrency) // 2)
+        if self._gate.free < refill and self._executions.in_flight:
+            signals.phase = Phase.EXECUTING
+            # Bounded: stop() and drain() must not wait for executions to end by
+            # themselves, and permits held by slow or hung executions must not stop the
+            # free ones from being used for longer than a poll interval.
+            with anyio.move_on_after(cfg.poll_interval):
+                await self._gate.wait_free(refill)
+            return signals.is_stopping() or signals.is_draining() or self._gate.free == 0
+        return False
+
+    async def _claim(self, want: int) -> list[asyncpg.Record] | None:
+        """One claim statement; None after a database error (already backed off)."""
+        self._signals.phase = Phase.CLAIMING
+        self.claiming = True
+        started = time.perf_counter()
+        try:
+            conn = await self._connections.for_claims()
+            records: list[asyncpg.Record] = await conn.fetch(
+                self._sql.claim,
+                want,
+                uuid.uuid4(),
+                self._inbox_id,
+                self._config.lease_margin,
+            )
+        except DB_ERRORS as exc:
+            self.claiming = False
+            self._signals.notify_progress()
+            await self._connections.drop_kept()
+            self._delay = await self._connections.failed(exc, self._delay)
+            return None
+        self._delay = self._config.reconnect_min
+        self._connections.ok()
+        self.last_claim_at = datetime.now(UTC)
+        self._stats.claims += 1
+        self._stats.claimed_rows += len(records)
+        self.recorder.claim(time.perf_counter() - started, len(records))
+        return records
+
+    def _dispatch(self, records: list[asyncpg.Record]) -> None:
+        """Each claimed row: settled at once (not admitted, stopping, no permit) or run."""
+        for record in records:
+            try:
+                row = row_from_record(record)
+            except Exception as exc:
+                # A poison row (written by another client, or nested past what the
+                # decoder follows) must not end the loop nor keep its batch leased.
+                self._undecodable(record, exc)
+                continue
+            if self._signals.is_stopping():
+                self._settler.submit(row, Release())
+                continue
+            # Decided before a permit is taken: a row that will not run never holds one.
+            early = admit(row, self._limits)
+            if early is not None:
+                self._settler.submit(row, early)
+                continue
+            if not self._gate.try_acquire():
+                self._stats.gate_saturated += 1
+                full = Failure(FailureKind.GATE_SATURATED, "execution gate is full")
+                self._settler.submit(row, route(row, full, self._limits, self._rng))
+                continue
+            self._executions.start(row)
+        self.claiming = False
+        self._signals.notify_progress()
+
+    def _undecodable(self, record: asyncpg.Record, exc: Exception) -> None:
+        try:
+            row = undecodable_row(record)
+        except Exception:
+            # Not even the columns every row has could be read: leave the lease to expire
+            # (the claim that follows counts it as an orphan) rather than stop the loop.
+            log.exception(
+                "claimed row unreadable; its lease will expire",
+                extra={"event": "dispatcher.unreadable", "outbox_id": record.get("id")},
+            )
+            return
+        message = f"the stored row could not be decoded: {describe_exception(exc, limit=2000)}"
+        if self._redactor.enabled:
+            message = self._redactor.redact_text(message, self._redactor.secrets_in(row.payload))
+        self._stats.undecodable += 1
+        log.error(
+            "claimed row could not be decoded; dead-lettered",
+            extra={
+                "event": "dispatcher.undecodable",
+                "trigger": row.trigger_name,
+                "scope": row.scope,
+                "outbox_id": row.id,
+                "error": message,
+            },
+        )
+        self._settler.submit(row, self._undecodable_outcome(row, message))
+
+    def _undecodable_outcome(self, row: ClaimedRow, message: str) -> Outcome:
+        if row.reply_to is not None or row.dead_letter_id is not None:
+            # A caller waits, or a dead letter does: answer them as a permanent failure.
+            return route(row, Failure(FailureKind.PERMANENT, message), self._limits, self._rng)
+        error = ErrorRecord(row.attempts + 1, FailureKind.PERMANENT, message)
+        return DeadLetter(DeadLetterReason.UNDECODABLE, row.attempts, error)
