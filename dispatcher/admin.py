@@ -30,6 +30,7 @@ import asyncpg
 from dispatcher.core.errors import DispatcherError, InvalidInput
 from dispatcher.core.models import BackoffKind, JsonValue, RetryPolicy, check_name
 from dispatcher.core.outcomes import DeadLetterReason, Resolution
+from dispatcher.core.validate import is_int, is_number
 from dispatcher.db import Connection
 from dispatcher.flow import Breaker, Pause
 from dispatcher.schema import DEFAULT_SCHEMA, check_schema_name
@@ -128,13 +129,13 @@ def _check_moment(name: str, value: object) -> datetime | timedelta:
 
 
 def _check_id(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _BIGINT_MAX:
+    if not is_int(value) or not 1 <= value <= _BIGINT_MAX:
         raise InvalidInput(name, value, "must be a positive integer id")
     return value
 
 
 def _check_limit(name: str, value: object, maximum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+    if not is_int(value) or not 1 <= value <= maximum:
         raise InvalidInput(name, value, f"must be an integer from 1 to {maximum}")
     return value
 
@@ -772,7 +773,7 @@ def _snapshot_policy(text: str) -> tuple[RetryPolicy, float]:
     if not isinstance(snap, dict):
         raise TypeError("the snapshot is not a JSON object")
     timeout = snap["timeout"]
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+    if not is_number(timeout) or timeout <= 0:
         raise InvalidInput("policy.timeout", timeout, "must be a positive number")
     retry = RetryPolicy(
         kind=BackoffKind(snap["kind"]),
@@ -810,7 +811,7 @@ def _error_entry(entry: JsonValue) -> ErrorEntry:
     kind = entry.get("kind")
     message = entry.get("message")
     return ErrorEntry(
-        attempt=attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else None,
+        attempt=attempt if is_int(attempt) else None,
         kind=kind if isinstance(kind, str) else None,
         message=message if isinstance(message, str) else _text(entry),
         at=_moment(entry.get("at")),

@@ -23,6 +23,7 @@ from typing import TypeAlias
 
 from dispatcher.core.errors import DispatcherError, InvalidInput, TriggerNotFound
 from dispatcher.core.models import JsonValue, check_name
+from dispatcher.core.validate import is_int
 from dispatcher.db import Connection
 from dispatcher.schema import DEFAULT_SCHEMA
 from dispatcher.sql import queries
@@ -126,7 +127,7 @@ class Breaker:
 def _check_target(scope: str | None, trigger_id: int | None, *, everything: bool) -> None:
     if scope is not None:
         check_name("scope", scope)
-    if trigger_id is not None and (isinstance(trigger_id, bool) or not isinstance(trigger_id, int)):
+    if trigger_id is not None and (not is_int(trigger_id)):
         raise InvalidInput("trigger_id", trigger_id, "must be an integer trigger id")
     if scope is not None and trigger_id is not None:
         raise InvalidInput("scope", scope, "give a scope or a trigger, not both")
@@ -337,5 +338,5 @@ class FlowControl:
 
 
 def _check_limit(limit: int) -> None:
-    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_UNPARK_BATCH:
+    if not is_int(limit) or not 1 <= limit <= MAX_UNPARK_BATCH:
         raise InvalidInput("limit", limit, f"must be an integer from 1 to {MAX_UNPARK_BATCH}")

@@ -44,6 +44,7 @@ from dispatcher.core.errors import InvalidInput
 from dispatcher.core.models import BackoffKind, JsonValue, RetryPolicy
 from dispatcher.core.outcomes import ExecutionResult, Failure, Success
 from dispatcher.core.policy import RandomSource
+from dispatcher.core.validate import is_int
 from dispatcher.db import Connection
 from dispatcher.runtime.dispatcher import Dispatcher, DispatcherConfig
 from dispatcher.runtime.handlers import Executor, HandlerContext, HandlerRegistry
@@ -244,7 +245,7 @@ class RecordingHandlers(HandlerRegistry):
         Raise :class:`~dispatcher.PermanentError`, :class:`~dispatcher.PermissionDenied` or
         :class:`~dispatcher.RateLimited` to exercise those routes.
         """
-        if times is not None and (isinstance(times, bool) or not isinstance(times, int)):
+        if times is not None and (not is_int(times)):
             raise InvalidInput("times", times, "must be an integer or None")
         exc = RuntimeError(error) if isinstance(error, str) else error
         if not isinstance(exc, BaseException):

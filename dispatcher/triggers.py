@@ -21,6 +21,7 @@ from dispatcher.core.models import (
     check_name,
 )
 from dispatcher.core.patterns import compile_pattern
+from dispatcher.core.validate import is_number
 from dispatcher.db import Connection
 from dispatcher.schema import DEFAULT_SCHEMA, MAX_TIMEOUT
 from dispatcher.sql import queries
@@ -43,7 +44,7 @@ def _check_ops(ops: object) -> frozenset[Op]:
 
 
 def _check_timeout(timeout: object) -> float:
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+    if not is_number(timeout):
         raise InvalidInput("execution_timeout", timeout, "must be a number of seconds")
     value = float(timeout)
     if not 0 < value <= MAX_TIMEOUT:

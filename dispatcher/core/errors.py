@@ -6,6 +6,8 @@ an operator as it is.
 
 from __future__ import annotations
 
+from dispatcher.core.validate import is_int
+
 
 class DispatcherError(Exception):
     """Base class of every error this library raises on purpose."""
@@ -62,7 +64,7 @@ class LimitExceeded(DispatcherError):
 def _preview(value: object, limit: int = 80) -> str:
     # Never raises: repr of a huge int fails past sys.get_int_max_str_digits(), and a
     # hostile object's __repr__ may raise anything.
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+    if is_int(value) and value.bit_length() > 256:
         return f"<integer of {value.bit_length()} bits>"
     try:
         text = repr(value)

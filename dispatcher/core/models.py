@@ -12,6 +12,7 @@ from enum import StrEnum
 from typing import TypeAlias
 
 from dispatcher.core.errors import InvalidInput
+from dispatcher.core.validate import is_int, is_number
 
 JsonValue: TypeAlias = (
     "bool | int | float | str | Sequence[JsonValue] | Mapping[str, JsonValue] | None"
@@ -65,7 +66,7 @@ def check_name(field_name: str, value: object, *, max_length: int = MAX_NAME_LEN
 
 
 def _finite_number(field_name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if not is_number(value):
         raise InvalidInput(field_name, value, "must be a number")
     number = float(value)
     if not math.isfinite(number):
@@ -124,7 +125,7 @@ class RetryPolicy:
         jitter = _finite_number("retry.jitter", self.jitter)
         if not 0.0 <= jitter <= 1.0:
             raise InvalidInput("retry.jitter", self.jitter, "must be between 0 and 1")
-        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int):
+        if not is_int(self.max_attempts):
             raise InvalidInput("retry.max_attempts", self.max_attempts, "must be an integer")
         if self.max_attempts < 1:
             raise InvalidInput("retry.max_attempts", self.max_attempts, "must be at least 1")
@@ -184,7 +185,7 @@ class Mutation:
             raise InvalidInput("op", self.op, f"must be one of {[o.value for o in Op]}") from None
         if not isinstance(self.event_id, uuid.UUID):
             raise InvalidInput("event_id", self.event_id, "must be a uuid.UUID")
-        if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 0:
+        if not is_int(self.depth) or self.depth < 0:
             raise InvalidInput("depth", self.depth, "must be a non-negative integer")
         if self.root_id is not None and not isinstance(self.root_id, uuid.UUID):
             raise InvalidInput("root_id", self.root_id, "must be a uuid.UUID or None")

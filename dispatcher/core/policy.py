@@ -11,6 +11,7 @@ from typing import Protocol, assert_never
 
 from dispatcher.core.errors import InvalidInput
 from dispatcher.core.models import BackoffKind, RetryPolicy
+from dispatcher.core.validate import is_int
 
 # Raw delays are capped here rather than at max_delay, because jitter is applied before the
 # max_delay cap and must see the true (possibly larger) delay. 1e300 is far beyond any
@@ -45,7 +46,7 @@ def backoff_delay(policy: RetryPolicy, attempt: int, rng: RandomSource) -> float
     >>> backoff_delay(RetryPolicy(base_delay=1.0, factor=2.0, jitter=0.0), 4, random.Random())
     8.0
     """
-    if isinstance(attempt, bool) or not isinstance(attempt, int):
+    if not is_int(attempt):
         raise InvalidInput("attempt", attempt, "must be an integer")
     if attempt < 1:
         raise InvalidInput("attempt", attempt, "must be at least 1 (the failures so far)")

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from dispatcher.core.errors import InvalidInput
 from dispatcher.core.models import JsonValue
 from dispatcher.core.sanitize import CUT_MARKER
+from dispatcher.core.validate import is_number
 
 REDACTED = "[REDACTED]"
 # Name fragments: a key containing any of them (lower case, '-' and '_' left out) is
@@ -352,7 +353,7 @@ def _strings(value: JsonValue, found: set[str], depth: int) -> None:
         return
     if isinstance(value, str):
         found.add(value)
-    elif isinstance(value, int | float) and not isinstance(value, bool):
+    elif is_number(value):
         found.add(str(value))
     elif isinstance(value, Mapping):
         for v in value.values():

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 from dispatcher.core.errors import InvalidInput
 from dispatcher.core.models import JsonValue
+from dispatcher.core.validate import is_int
 
 DEFAULT_TEXT_LIMIT = 8192
 DEFAULT_DEPTH_LIMIT = 64
@@ -173,7 +174,7 @@ class _Walk:
     def _key(self, key: object) -> str:
         if isinstance(key, str):
             return self.text(str.__str__(key))
-        if isinstance(key, int) and not isinstance(key, bool):
+        if is_int(key):
             return self.text(_int_text(int.__int__(key)))
         return self.text(repr(key))
 
@@ -217,7 +218,7 @@ def _omitted(count: int) -> str:
 
 
 def _check_limit(name: str, value: int, *, maximum: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if not is_int(value) or value < 0:
         raise InvalidInput(name, value, "must be a non-negative integer")
     if maximum is not None and value > maximum:
         raise InvalidInput(name, value, f"must be at most {maximum}")

@@ -9,11 +9,12 @@ from dispatcher.core.errors import InvalidInput
 from dispatcher.core.models import MAX_DELAY_SECONDS
 from dispatcher.core.outcomes import Limits
 from dispatcher.core.redact import DEFAULT_REDACT_KEYS, Redactor
+from dispatcher.core.validate import is_int, is_number
 from dispatcher.schema import DEFAULT_SCHEMA
 
 
 def positive(name: str, value: float, *, allow_zero: bool = False) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ok = is_number(value) and math.isfinite(value)
     if not ok or value < 0 or (value == 0 and not allow_zero):
         raise InvalidInput(name, value, "must be a positive number")
     # Durations reach SQL interval arithmetic: past this, a timestamp overflows.
@@ -91,9 +92,7 @@ class DispatcherConfig:
         positive("root_budget_ttl", self.root_budget_ttl)
         positive("depth_cutoff_retention", self.depth_cutoff_retention)
         budget = self.max_executions_per_root
-        if budget is not None and (
-            isinstance(budget, bool) or not isinstance(budget, int) or budget < 1
-        ):
+        if budget is not None and (not is_int(budget) or budget < 1):
             raise InvalidInput("max_executions_per_root", budget, "must be a positive int or None")
         if not isinstance(self.breaker_threshold, int) or self.breaker_threshold < 0:
             raise InvalidInput("breaker_threshold", self.breaker_threshold, "must be >= 0")
@@ -106,7 +105,7 @@ class DispatcherConfig:
             "max_pending_settlements",
         ):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise InvalidInput(name, value, "must be a positive integer")
         Redactor(frozenset(self.redact_keys))  # refuses a fragment too short to be one
         if self.pool_size < 2:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from dispatcher.core.errors import InvalidInput
+from dispatcher.core.validate import is_int
 
 
 class ExecutionGate:
@@ -20,7 +21,7 @@ class ExecutionGate:
     """
 
     def __init__(self, capacity: int) -> None:
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+        if not is_int(capacity) or capacity < 1:
             raise InvalidInput("gate_capacity", capacity, "must be a positive integer")
         self.capacity = capacity
         self._in_use = 0

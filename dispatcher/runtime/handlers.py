@@ -28,6 +28,7 @@ from dispatcher.core.errors import InvalidInput
 from dispatcher.core.models import JsonValue, check_name
 from dispatcher.core.outcomes import ExecutionResult, Failure, FailureKind, Success
 from dispatcher.core.sanitize import describe_exception, sanitize_json, sanitize_text
+from dispatcher.core.validate import is_int
 from dispatcher.kv import KvEntry, KvWrite
 from dispatcher.runtime.principals import Principal
 
@@ -231,7 +232,7 @@ class HandlerRegistry:
     """
 
     def __init__(self, *, max_threads: int = 16) -> None:
-        if isinstance(max_threads, bool) or not isinstance(max_threads, int) or max_threads < 1:
+        if not is_int(max_threads) or max_threads < 1:
             raise InvalidInput("max_threads", max_threads, "must be a positive integer")
         self._handlers: dict[str, _Entry] = {}
         self.max_threads = max_threads
