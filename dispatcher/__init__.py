@@ -11,61 +11,138 @@
 
 from __future__ import annotations
 
-from dispatcher.admin import (
-    Admin,
-    DeadLetterFilter,
-    DeadLetterNotFound,
-    ReplayReport,
-    StatusReport,
-    parse_duration,
-)
-from dispatcher.core.errors import (
-    DispatcherError,
-    InvalidInput,
-    LimitExceeded,
-    TriggerExists,
-    TriggerNotFound,
-)
-from dispatcher.core.models import BackoffKind, JsonValue, Mutation, Op, RetryPolicy, Trigger
-from dispatcher.core.outcomes import (
-    DeadLetterReason,
-    Failure,
-    FailureKind,
-    Resolution,
-    Success,
-)
-from dispatcher.core.routing import HTTP_STATUS
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Bound at import, because each shares its name with its module: a later
+# ``import dispatcher.emit`` elsewhere must not find the package attribute unset and put the
+# module there instead of the function.
 from dispatcher.emit import Emitter, Enqueued, emit, emit_many
-from dispatcher.flow import FlowControl
-from dispatcher.kv import KvEntry, KvStore, KvWrite
 from dispatcher.migrate import current_revision, migrate
-from dispatcher.runtime.dispatcher import (
-    Dispatcher,
-    DispatcherConfig,
-    InvokeTimeout,
-    NotRunning,
-)
-from dispatcher.runtime.gate import ExecutionGate
-from dispatcher.runtime.handlers import (
-    Executor,
-    HandlerContext,
-    HandlerRegistry,
-    KvHandle,
-    PermanentError,
-    PermissionDenied,
-    RateLimited,
-    StoreUnavailable,
-)
-from dispatcher.runtime.inbox import InvokeResult
-from dispatcher.runtime.principals import (
-    Principal,
-    PrincipalDirectory,
-    PrincipalResolver,
-    RegisteredByResolver,
-)
-from dispatcher.runtime.stats import Phase, Stats, StatusSnapshot
-from dispatcher.schema import DEFAULT_SCHEMA
-from dispatcher.triggers import TriggerRegistry
+
+if TYPE_CHECKING:
+    from dispatcher.admin import (
+        Admin,
+        DeadLetterFilter,
+        DeadLetterNotFound,
+        ReplayReport,
+        StatusReport,
+        parse_duration,
+    )
+    from dispatcher.core.errors import (
+        DispatcherError,
+        InvalidInput,
+        LimitExceeded,
+        TriggerExists,
+        TriggerNotFound,
+    )
+    from dispatcher.core.models import BackoffKind, JsonValue, Mutation, Op, RetryPolicy, Trigger
+    from dispatcher.core.outcomes import (
+        DeadLetterReason,
+        Failure,
+        FailureKind,
+        Resolution,
+        Success,
+    )
+    from dispatcher.core.routing import HTTP_STATUS
+    from dispatcher.flow import FlowControl
+    from dispatcher.kv import KvEntry, KvStore, KvWrite
+    from dispatcher.runtime.dispatcher import (
+        Dispatcher,
+        DispatcherConfig,
+        InvokeTimeout,
+        NotRunning,
+    )
+    from dispatcher.runtime.gate import ExecutionGate
+    from dispatcher.runtime.handlers import (
+        Executor,
+        HandlerContext,
+        HandlerRegistry,
+        KvHandle,
+        PermanentError,
+        PermissionDenied,
+        RateLimited,
+        StoreUnavailable,
+    )
+    from dispatcher.runtime.inbox import InvokeResult
+    from dispatcher.runtime.principals import (
+        Principal,
+        PrincipalDirectory,
+        PrincipalResolver,
+        RegisteredByResolver,
+    )
+    from dispatcher.runtime.stats import Phase, Stats, StatusSnapshot
+    from dispatcher.schema import DEFAULT_SCHEMA
+    from dispatcher.triggers import TriggerRegistry
+
+# Everything else loads on first use: ``import dispatcher`` (and the pure core) stays light,
+# and the runtime, the admin API and their dependencies load only when touched.
+_LAZY: dict[str, str] = {
+    "Admin": "dispatcher.admin",
+    "BackoffKind": "dispatcher.core.models",
+    "DEFAULT_SCHEMA": "dispatcher.schema",
+    "DeadLetterFilter": "dispatcher.admin",
+    "DeadLetterNotFound": "dispatcher.admin",
+    "DeadLetterReason": "dispatcher.core.outcomes",
+    "Dispatcher": "dispatcher.runtime.dispatcher",
+    "DispatcherConfig": "dispatcher.runtime.dispatcher",
+    "DispatcherError": "dispatcher.core.errors",
+    "ExecutionGate": "dispatcher.runtime.gate",
+    "Executor": "dispatcher.runtime.handlers",
+    "Failure": "dispatcher.core.outcomes",
+    "FailureKind": "dispatcher.core.outcomes",
+    "FlowControl": "dispatcher.flow",
+    "HTTP_STATUS": "dispatcher.core.routing",
+    "HandlerContext": "dispatcher.runtime.handlers",
+    "HandlerRegistry": "dispatcher.runtime.handlers",
+    "InvalidInput": "dispatcher.core.errors",
+    "InvokeResult": "dispatcher.runtime.inbox",
+    "InvokeTimeout": "dispatcher.runtime.dispatcher",
+    "JsonValue": "dispatcher.core.models",
+    "KvEntry": "dispatcher.kv",
+    "KvHandle": "dispatcher.runtime.handlers",
+    "KvStore": "dispatcher.kv",
+    "KvWrite": "dispatcher.kv",
+    "LimitExceeded": "dispatcher.core.errors",
+    "Mutation": "dispatcher.core.models",
+    "NotRunning": "dispatcher.runtime.dispatcher",
+    "Op": "dispatcher.core.models",
+    "PermanentError": "dispatcher.runtime.handlers",
+    "PermissionDenied": "dispatcher.runtime.handlers",
+    "Phase": "dispatcher.runtime.stats",
+    "Principal": "dispatcher.runtime.principals",
+    "PrincipalDirectory": "dispatcher.runtime.principals",
+    "PrincipalResolver": "dispatcher.runtime.principals",
+    "RateLimited": "dispatcher.runtime.handlers",
+    "RegisteredByResolver": "dispatcher.runtime.principals",
+    "ReplayReport": "dispatcher.admin",
+    "Resolution": "dispatcher.core.outcomes",
+    "RetryPolicy": "dispatcher.core.models",
+    "Stats": "dispatcher.runtime.stats",
+    "StatusReport": "dispatcher.admin",
+    "StatusSnapshot": "dispatcher.runtime.stats",
+    "StoreUnavailable": "dispatcher.runtime.handlers",
+    "Success": "dispatcher.core.outcomes",
+    "Trigger": "dispatcher.core.models",
+    "TriggerExists": "dispatcher.core.errors",
+    "TriggerNotFound": "dispatcher.core.errors",
+    "TriggerRegistry": "dispatcher.triggers",
+    "parse_duration": "dispatcher.admin",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dispatcher' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "DEFAULT_SCHEMA",

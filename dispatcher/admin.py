@@ -33,7 +33,7 @@ from dispatcher.core.outcomes import DeadLetterReason, Resolution
 from dispatcher.core.validate import is_int, is_number
 from dispatcher.db import Connection
 from dispatcher.flow import Breaker, Pause
-from dispatcher.schema import DEFAULT_SCHEMA, check_schema_name
+from dispatcher.names import DEFAULT_SCHEMA, check_schema_name
 from dispatcher.sql.admin import ACTIONABLE, FILTER_PARAMS, FINAL, admin_queries
 from dispatcher.triggers import policy_from_record
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
-import asyncpg
-from asyncpg.pool import PoolConnectionProxy
+if TYPE_CHECKING:  # a type only: importing the library must not load the driver
+    import asyncpg
+    from asyncpg.pool import PoolConnectionProxy
 
 # A plain asyncpg connection or one acquired from an asyncpg pool. Hosts on SQLAlchemy's
 # AsyncConnection pass ``(await conn.get_raw_connection()).driver_connection``.

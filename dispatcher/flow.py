@@ -25,7 +25,7 @@ from dispatcher.core.errors import DispatcherError, InvalidInput, TriggerNotFoun
 from dispatcher.core.models import JsonValue, check_name
 from dispatcher.core.validate import is_int
 from dispatcher.db import Connection
-from dispatcher.schema import DEFAULT_SCHEMA
+from dispatcher.names import DEFAULT_SCHEMA
 from dispatcher.sql import queries
 from dispatcher.sql.admin import admin_queries
 from dispatcher.triggers import TriggerRegistry

@@ -6,8 +6,6 @@ The tables live in one Postgres schema whose name the host chooses (default ``di
 
 from __future__ import annotations
 
-import re
-
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -27,15 +25,23 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TIMESTAMP, UUID
 from sqlalchemy.sql.elements import TextClause
 
-from dispatcher.core.errors import InvalidInput
 from dispatcher.core.models import MAX_DELAY_SECONDS
+from dispatcher.names import (
+    DEFAULT_SCHEMA,
+    MAX_TIMEOUT,
+    VERSION_TABLE,
+    check_schema_name,
+)
 
-# The longest handler time limit a trigger may have (seconds).
-MAX_TIMEOUT = 3600.0
-
-DEFAULT_SCHEMA = "dispatcher"
-VERSION_TABLE = "dispatcher_alembic_version"
-_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+__all__ = [
+    "DEFAULT_SCHEMA",
+    "MAX_TIMEOUT",
+    "OUTBOX_STORAGE",
+    "POLICY_CHECKS",
+    "VERSION_TABLE",
+    "build_metadata",
+    "check_schema_name",
+]
 
 # The outbox churns: every row is inserted, updated once or twice and deleted within
 # seconds. Vacuum it early and often so dead tuples do not pile up in the claim index.
@@ -46,17 +52,6 @@ OUTBOX_STORAGE = {
     "autovacuum_analyze_scale_factor": "0.02",
     "autovacuum_vacuum_cost_delay": "1",
 }
-
-
-def check_schema_name(schema: str) -> str:
-    if not isinstance(schema, str) or not _SCHEMA_NAME.fullmatch(schema):
-        raise InvalidInput(
-            "schema",
-            schema,
-            "must be a lower-case Postgres identifier: a letter or '_', then letters, digits "
-            "or '_', at most 63 characters",
-        )
-    return schema
 
 
 def _now() -> TextClause:

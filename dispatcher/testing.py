@@ -46,11 +46,11 @@ from dispatcher.core.outcomes import ExecutionResult, Failure, Success
 from dispatcher.core.policy import RandomSource
 from dispatcher.core.validate import is_int
 from dispatcher.db import Connection
+from dispatcher.names import DEFAULT_SCHEMA
 from dispatcher.runtime.dispatcher import Dispatcher, DispatcherConfig
 from dispatcher.runtime.handlers import Executor, HandlerContext, HandlerRegistry
 from dispatcher.runtime.principals import PrincipalResolver
 from dispatcher.runtime.stats import Recorder, Stats
-from dispatcher.schema import DEFAULT_SCHEMA
 
 __all__ = [
     "Call",

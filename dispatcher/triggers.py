@@ -23,7 +23,7 @@ from dispatcher.core.models import (
 from dispatcher.core.patterns import compile_pattern
 from dispatcher.core.validate import is_number
 from dispatcher.db import Connection
-from dispatcher.schema import DEFAULT_SCHEMA, MAX_TIMEOUT
+from dispatcher.names import DEFAULT_SCHEMA, MAX_TIMEOUT
 from dispatcher.sql import queries
 
 DEFAULT_TIMEOUT = 30.0

@@ -14,7 +14,7 @@ import click
 
 from dispatcher.admin import parse_duration, parse_moment
 from dispatcher.core.errors import InvalidInput
-from dispatcher.schema import DEFAULT_SCHEMA
+from dispatcher.names import DEFAULT_SCHEMA
 
 F = TypeVar("F", bound=Callable[..., None])
 T = TypeVar("T")

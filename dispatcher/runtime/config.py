@@ -10,7 +10,7 @@ from dispatcher.core.models import MAX_DELAY_SECONDS
 from dispatcher.core.outcomes import Limits
 from dispatcher.core.redact import DEFAULT_REDACT_KEYS, Redactor
 from dispatcher.core.validate import is_int, is_number
-from dispatcher.schema import DEFAULT_SCHEMA
+from dispatcher.names import DEFAULT_SCHEMA
 
 
 def positive(name: str, value: float, *, allow_zero: bool = False) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from functools import cache
 
-from dispatcher.schema import DEFAULT_SCHEMA, check_schema_name
+from dispatcher.names import DEFAULT_SCHEMA, check_schema_name
 
 # Positional parameters of _FILTER, in order; admin.py builds its arguments from this list.
 FILTER_PARAMS = (

@@ -1,0 +1,27 @@
+"""Names the library's schema is built from, without importing SQLAlchemy: the schema
+name (validated before it is ever quoted into SQL), the version table, the limits the
+tables' CHECK constraints encode."""
+
+from __future__ import annotations
+
+import re
+
+from dispatcher.core.errors import InvalidInput
+
+DEFAULT_SCHEMA = "dispatcher"
+VERSION_TABLE = "dispatcher_alembic_version"
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+# The longest handler time limit a trigger may have (seconds).
+MAX_TIMEOUT = 3600.0
+
+
+def check_schema_name(schema: str) -> str:
+    if not isinstance(schema, str) or not _SCHEMA_NAME.fullmatch(schema):
+        raise InvalidInput(
+            "schema",
+            schema,
+            "must be a lower-case Postgres identifier: a letter or '_', then letters, digits "
+            "or '_', at most 63 characters",
+        )
+    return schema
