@@ -4,8 +4,11 @@
 ...     await conn.execute("UPDATE accounts SET ...")
 ...     rows = await emit(conn, Mutation("acme", "users", "users/42", Op.PUT, {"plan": "pro"}))
 
-Rolling the transaction back leaves no outbox rows; committing makes them durable. Matching is
-done in SQL, in one round trip for any number of mutations.
+Rolling the transaction back leaves no outbox rows; committing makes them durable. The fan-out
+itself (matching, the fan-out cap, the policy snapshot, the payload, the wake-up hint) is
+defined once, by the ``emit`` and ``emit_many`` functions in the library's schema (migration
+0007), which any client may call; this module checks a mutation before sending it, in one
+round trip for any number of mutations.
 """
 
 from __future__ import annotations
@@ -16,17 +19,34 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
+from typing import Any, cast
 
 from dispatcher.core.errors import InvalidInput, LimitExceeded
 from dispatcher.core.models import Mutation
-from dispatcher.core.patterns import key_prefixes
+from dispatcher.core.validate import is_int
 from dispatcher.db import Connection
-from dispatcher.schema import DEFAULT_SCHEMA
+from dispatcher.names import DEFAULT_SCHEMA
 from dispatcher.sql import queries
 
 DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024
 DEFAULT_MAX_FANOUT = 100
 DEFAULT_NOTIFY_INTERVAL = 0.002
+
+# Ceilings, also enforced by the emit functions for callers that bypass this module (frozen in
+# migrations/versions/0007_emit_functions.py; change both together).
+MAX_FANOUT = 10_000
+# The functions refuse a value whose JSON text, as Postgres writes it, is over 16 MiB. That
+# text adds a space after every ',' and ':' (at most 1.5 times the compact text measured
+# here), so a payload within this bound always passes.
+MAX_PAYLOAD_BYTES = 8 * 1024 * 1024
+# How deep a value may nest lists and dicts (a scalar is 0 levels, ``[]`` is 1). Deep enough
+# for any document (the chaos suite runs values 200 deep), and shallow enough that code
+# walking a value recursively, at two or three Python frames per level (the dispatcher's
+# redaction, json.dumps and json.loads, a handler's own code), stays far inside the
+# interpreter's default recursion limit of 1000. Past about 950 levels every dispatcher would
+# fail to decode the row it claimed.
+MAX_NESTING = 256
 
 # Per process and channel: when the last wake-up hint was sent (monotonic seconds).
 _LAST_NOTIFY: dict[str, float] = {}
@@ -59,29 +79,53 @@ class Enqueued:
 
 
 def encode_event(mutation: Mutation, *, max_bytes: int) -> str:
-    """The event payload every matching trigger receives, as JSON text, within ``max_bytes``."""
-    event = {
-        "event_id": str(mutation.event_id),
-        "scope": mutation.scope,
-        "namespace": mutation.namespace,
-        "key": mutation.key,
-        "op": mutation.op.value,
-        "value": mutation.value,
-        "depth": mutation.depth,
-        "root": str(mutation.root),
-    }
+    """The event payload every matching trigger receives, as JSON text, within ``max_bytes``:
+    ``{"event_id", "scope", "namespace", "key", "op", "value", "depth", "root"}``."""
+    head, value, tail = _encode(mutation, max_bytes)
+    return head + value + tail
+
+
+def _encode(mutation: Mutation, max_bytes: int) -> tuple[str, str, str]:
+    """The payload's JSON text in three parts: before the value, the value, after it.
+
+    A value is refused by its size before it is serialised when a cheap walk shows that its
+    text must be too long, and refused when it nests deeper than :data:`MAX_NESTING`.
+    """
+    head = (
+        f'{{"event_id":"{mutation.event_id}","scope":{_dumps(mutation.scope)},'
+        f'"namespace":{_dumps(mutation.namespace)},"key":{_dumps(mutation.key)},'
+        f'"op":"{mutation.op.value}","value":'
+    )
+    tail = f',"depth":{int(mutation.depth)},"root":"{mutation.root}"}}'
     try:
-        text = json.dumps(event, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        frame = len(head.encode("utf-8")) + len(tail.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidInput(
+            "mutation",
+            f"{mutation.scope}/{mutation.namespace}/{mutation.key}",
+            "its scope, namespace or key contains a lone surrogate, which is not valid Unicode",
+        ) from None
+    floor = frame + _text_size_floor(mutation.value, max_bytes - frame)
+    if floor > max_bytes:
+        raise LimitExceeded(
+            f"event payload for key {mutation.key!r} (at least)",
+            floor,
+            max_bytes,
+            "max_payload_bytes",
+        )
+    try:
+        text = _dumps(mutation.value)
     except (TypeError, ValueError) as exc:
         raise InvalidInput("value", mutation.value, f"is not JSON-serialisable: {exc}") from None
-    except RecursionError:
-        raise InvalidInput("value", "<deeply nested>", "is nested too deeply to store") from None
+    except RecursionError:  # within MAX_NESTING, but called with the stack nearly full
+        raise InvalidInput("value", "<deeply nested>", "is nested too deeply to encode") from None
     try:
-        size = len(text.encode("utf-8"))
+        size = frame + len(text.encode("utf-8"))
     except UnicodeEncodeError:
         raise InvalidInput(
             "value", mutation.value, "contains a lone surrogate, which is not valid Unicode"
         ) from None
+    # The other fields cannot hold a NUL: names and keys refuse control characters.
     if _JSON_NUL.search(text):
         raise InvalidInput(
             "value", mutation.value, "contains a NUL character, which Postgres cannot store"
@@ -90,7 +134,110 @@ def encode_event(mutation: Mutation, *, max_bytes: int) -> str:
         raise LimitExceeded(
             f"event payload for key {mutation.key!r}", size, max_bytes, "max_payload_bytes"
         )
-    return text
+    return head, text, tail
+
+
+def _dumps(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+# Exact types measured without a per-item Python call; a level holding anything else (a
+# subclass, an object JSON cannot hold) is sorted with isinstance instead.
+_NUMBERS = frozenset({int, float, bool, type(None)})
+_KNOWN = _NUMBERS | {str, list, tuple, dict}
+
+
+def _text_size_floor(value: object, budget: int) -> int:
+    """A lower bound of the length of ``value``'s compact JSON text in UTF-8 bytes, counted
+    only until it passes ``budget``; raises :class:`InvalidInput` for nesting deeper than
+    :data:`MAX_NESTING`.
+
+    The value is measured one level of nesting at a time, each level in a few passes that
+    mostly run in C. A string counts its length and quotes (every character is at least one
+    byte), a list its brackets and commas, a dict its braces, commas, colons and keys,
+    anything else one byte (what JSON cannot hold is left for ``json.dumps`` to refuse).
+    The count stops at the first level that passes ``budget``, and a level's items are taken
+    out of their containers only once those containers' commas fit in it: a 100 MB string
+    or a list of ten million numbers is refused at the first look, and the work is bounded
+    by ``budget`` whatever the value.
+    """
+    size = 0
+    level: list[object] = [value]
+    seen: set[int] = set()  # the containers met so far, to tell a cycle from deep nesting
+    depth = 0  # how many containers hold each item of ``level``
+    while True:
+        kinds = set(map(type, level))
+        size += len(level)  # at least one byte each
+        if kinds <= _NUMBERS:
+            return size
+        strings, lists, tuples, dicts = _sort(level, kinds)
+        size += len(strings) + sum(map(len, strings))  # a string's quotes and characters
+        if size > budget or not (lists or tuples or dicts):
+            return size
+        if depth == MAX_NESTING:
+            raise _too_deep(seen)
+        seen.update(map(id, lists), map(id, tuples), map(id, dicts))
+        # With the byte counted above, a container of n items writes n + 1 bytes or more
+        # of brackets and commas, and a dict n colons too; then the keys (a number, true or
+        # null as a key is written as a string of at least one character).
+        pairs = sum(map(len, dicts))
+        size += sum(map(len, lists)) + sum(map(len, tuples)) + 2 * pairs
+        if size > budget:
+            return size
+        if dicts:
+            keys = list(chain.from_iterable(map(dict.keys, dicts)))
+            key_kinds = set(map(type, keys))
+            string_keys = cast(list[str], keys if key_kinds == {str} else _sort(keys, key_kinds)[0])
+            size += 3 * pairs + sum(map(len, string_keys)) - len(string_keys)
+            if size > budget:
+                return size
+        # A subclass's items as json.dumps sees them: its storage, not its own __iter__.
+        level = [
+            *chain.from_iterable(map(list.__iter__, lists)),
+            *chain.from_iterable(map(tuple.__iter__, tuples)),
+            *chain.from_iterable(map(dict.values, dicts)),
+        ]
+        depth += 1
+
+
+def _sort(
+    level: list[object], kinds: set[type]
+) -> tuple[list[str], list[list[object]], list[tuple[object, ...]], list[dict[object, object]]]:
+    """The strings, lists, tuples and dicts of ``level``, subclasses included."""
+    if not kinds <= _KNOWN:
+        return (
+            [x for x in level if isinstance(x, str)],
+            [x for x in level if isinstance(x, list)],
+            [x for x in level if isinstance(x, tuple)],
+            [x for x in level if isinstance(x, dict)],
+        )
+    if len(kinds) == 1:  # all of one kind: no pass at all
+        only: list[Any] = level
+        kind = next(iter(kinds))
+        return (
+            only if kind is str else [],
+            only if kind is list else [],
+            only if kind is tuple else [],
+            only if kind is dict else [],
+        )
+    # Exact types: one pass for each kind present.
+    return (
+        [x for x in level if type(x) is str] if str in kinds else [],
+        [x for x in level if type(x) is list] if list in kinds else [],
+        [x for x in level if type(x) is tuple] if tuple in kinds else [],
+        [x for x in level if type(x) is dict] if dict in kinds else [],
+    )
+
+
+def _too_deep(seen: set[int]) -> InvalidInput:
+    # Fewer containers than levels: one of them holds itself.
+    if len(seen) < MAX_NESTING:
+        return InvalidInput("value", "<circular>", "is not JSON-serialisable: it contains itself")
+    return InvalidInput(
+        "value",
+        "<deeply nested>",
+        f"is nested more than {MAX_NESTING} levels deep; at most {MAX_NESTING} are allowed",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,11 +250,15 @@ class Emitter:
     # Seconds between wake-up hints from this process (0: one per emitting transaction).
     notify_interval: float = DEFAULT_NOTIFY_INTERVAL
 
+    def __post_init__(self) -> None:
+        _check_bound("max_payload_bytes", self.max_payload_bytes, MAX_PAYLOAD_BYTES)
+        _check_bound("max_fanout", self.max_fanout, MAX_FANOUT)
+
     async def emit(self, conn: Connection, mutation: Mutation) -> list[Enqueued]:
         """Enqueue one row per matching enabled trigger of the mutation's scope."""
         if not isinstance(mutation, Mutation):
             raise InvalidInput("mutation", mutation, "must be a dispatcher.Mutation")
-        payload = encode_event(mutation, max_bytes=self.max_payload_bytes)
+        _, value, _ = _encode(mutation, self.max_payload_bytes)
         row = await conn.fetchrow(
             queries(self.schema).emit_one,
             mutation.event_id,
@@ -115,13 +266,13 @@ class Emitter:
             mutation.namespace,
             mutation.key,
             mutation.op.value,
-            payload,
+            value,
             mutation.depth,
+            mutation.root_id,
             self.max_fanout,
-            key_prefixes(mutation.key),
             _should_notify(self.schema, self.notify_interval),
         )
-        assert row is not None  # an aggregate query always returns one row
+        assert row is not None  # the function returns one row
         if row["matched"] > self.max_fanout:
             raise LimitExceeded(
                 f"triggers matching {mutation.scope}/{mutation.namespace}/{mutation.key}",
@@ -131,7 +282,7 @@ class Emitter:
             )
         return [
             Enqueued(outbox_id=i, event_id=mutation.event_id, trigger_id=t)
-            for i, t in zip(row["ids"], row["trigger_ids"], strict=True)
+            for i, t in zip(row["outbox_ids"], row["trigger_ids"], strict=True)
         ]
 
     async def emit_many(self, conn: Connection, mutations: Sequence[Mutation]) -> list[Enqueued]:
@@ -146,7 +297,7 @@ class Emitter:
         for m in mutations:
             if not isinstance(m, Mutation):
                 raise InvalidInput("mutation", m, "must be a dispatcher.Mutation")
-        payloads = [encode_event(m, max_bytes=self.max_payload_bytes) for m in mutations]
+        values = [_encode(m, self.max_payload_bytes)[1] for m in mutations]
         row = await conn.fetchrow(
             queries(self.schema).emit,
             [m.event_id for m in mutations],
@@ -154,24 +305,30 @@ class Emitter:
             [m.namespace for m in mutations],
             [m.key for m in mutations],
             [m.op.value for m in mutations],
-            payloads,
+            values,
             [m.depth for m in mutations],
+            [m.root_id for m in mutations],
             self.max_fanout,
             _should_notify(self.schema, self.notify_interval),
         )
-        assert row is not None  # an aggregate query always returns one row
-        if row["over_ord"] is not None:
-            culprit = mutations[row["over_ord"] - 1]
+        assert row is not None  # the function returns one row
+        if row["over_ordinal"] is not None:
+            culprit = mutations[row["over_ordinal"] - 1]
             raise LimitExceeded(
                 f"triggers matching {culprit.scope}/{culprit.namespace}/{culprit.key}",
-                int(row["over_n"]),
+                int(row["over_matched"]),
                 self.max_fanout,
                 "max_fanout",
             )
         return [
             Enqueued(outbox_id=i, event_id=e, trigger_id=t)
-            for i, e, t in zip(row["ids"], row["event_ids"], row["trigger_ids"], strict=True)
+            for i, e, t in zip(row["outbox_ids"], row["event_ids"], row["trigger_ids"], strict=True)
         ]
+
+
+def _check_bound(name: str, value: object, ceiling: int) -> None:
+    if not is_int(value) or not 1 <= value <= ceiling:
+        raise InvalidInput(name, value, f"must be an integer from 1 to {ceiling}")
 
 
 _DEFAULT = Emitter()

@@ -6,14 +6,24 @@
 --     psql "$OWNER_DATABASE_URL" -v ON_ERROR_STOP=1 -f docs/least_privilege.sql
 --
 -- It is idempotent: run it again after every `dispatcher migrate`, so that the grants match
--- the tables and views of the current revision exactly. It creates three roles (without
--- passwords; set them with `\password <role>` or your secrets tooling):
+-- the tables, views and functions of the current revision exactly. It creates four roles
+-- (without passwords; set them with `\password <role>` or your secrets tooling):
 --
 --   dispatcher_runtime   `dispatcher run` workers (and the admin commands: triggers,
 --                        dead-letters, flow control). Reads and writes dispatcher's tables;
---                        reads its views and its migration history. No DDL anywhere.
---   dispatcher_app       your application: what `emit` and `KvStore` touch, nothing else.
+--                        reads its views and its migration history; emits (handlers' KV
+--                        writes). No DDL anywhere.
+--   dispatcher_app       your application: emits and reads and writes the reference KV
+--                        table (`KvStore`), nothing else.
+--   dispatcher_producer  a service that only emits (its own KV, another language): EXECUTE
+--                        on the emit functions and no privilege on any table.
 --   dispatcher_readonly  dashboards and alert queries: SELECT on tables and views.
+--
+-- Producers enqueue only through `emit` and `emit_many`, functions that run as their owner
+-- (the migrating role) and write the outbox rows themselves: no producer role can read or
+-- write the outbox or read the triggers, so none can choose a row's target or the principal
+-- it runs as, nor read other events' payloads. The migration takes EXECUTE on them away from
+-- PUBLIC; only the roles below get it back.
 --
 -- Nothing here grants CREATE on any schema, TRUNCATE, REFERENCES or TRIGGER, nor anything
 -- outside dispatcher's schema. PostgreSQL 15 and later no longer let every role create
@@ -27,7 +37,8 @@ DO $roles$
 DECLARE
     role_name text;
 BEGIN
-    FOREACH role_name IN ARRAY ARRAY['dispatcher_runtime', 'dispatcher_app', 'dispatcher_readonly']
+    FOREACH role_name IN ARRAY ARRAY['dispatcher_runtime', 'dispatcher_app', 'dispatcher_producer',
+                                     'dispatcher_readonly']
     LOOP
         IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = role_name) THEN
             EXECUTE format(
@@ -47,14 +58,16 @@ DECLARE
 BEGIN
     -- Start from nothing, so that a re-run after a migration removes what no longer applies.
     EXECUTE format('REVOKE ALL ON ALL TABLES IN SCHEMA %I FROM dispatcher_runtime, '
-                   'dispatcher_app, dispatcher_readonly', schema_name);
+                   'dispatcher_app, dispatcher_producer, dispatcher_readonly', schema_name);
     EXECUTE format('REVOKE ALL ON ALL SEQUENCES IN SCHEMA %I FROM dispatcher_runtime, '
-                   'dispatcher_app, dispatcher_readonly', schema_name);
+                   'dispatcher_app, dispatcher_producer, dispatcher_readonly', schema_name);
+    EXECUTE format('REVOKE ALL ON ALL FUNCTIONS IN SCHEMA %I FROM dispatcher_runtime, '
+                   'dispatcher_app, dispatcher_producer, dispatcher_readonly', schema_name);
     EXECUTE format('REVOKE ALL ON SCHEMA %I FROM dispatcher_runtime, dispatcher_app, '
-                   'dispatcher_readonly', schema_name);
+                   'dispatcher_producer, dispatcher_readonly', schema_name);
     -- USAGE only: look up objects, never create them.
     EXECUTE format('GRANT USAGE ON SCHEMA %I TO dispatcher_runtime, dispatcher_app, '
-                   'dispatcher_readonly', schema_name);
+                   'dispatcher_producer, dispatcher_readonly', schema_name);
 
     FOR rel IN
         SELECT c.relname, c.relkind
@@ -74,11 +87,12 @@ BEGIN
     -- sequences without USAGE on them (tests/chaos/test_least_privilege.py inserts into
     -- every one of them as these roles).
 
-    -- emit: match triggers and insert outbox rows (its RETURNING reads back only the new
-    -- rows' ids, not other events' payloads). KvStore: the kv table.
-    EXECUTE format('GRANT SELECT ON %I.triggers TO dispatcher_app', schema_name);
-    EXECUTE format('GRANT INSERT, SELECT (id, event_id, trigger_id) ON %I.outbox '
-                   'TO dispatcher_app', schema_name);
+    -- emit and emit_many (migration 0007) match the triggers and write the outbox rows as
+    -- their owner: emitting needs EXECUTE on them and nothing on the tables. The runtime
+    -- emits too, for the KV writes handlers make.
+    EXECUTE format('GRANT EXECUTE ON FUNCTION %I.emit, %I.emit_many TO dispatcher_runtime, '
+                   'dispatcher_app, dispatcher_producer', schema_name, schema_name);
+    -- KvStore: the kv table.
     EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %I.kv TO dispatcher_app',
                    schema_name);
 END

@@ -3,13 +3,17 @@
 The runtime role administers triggers and pauses and runs ``dispatcher run`` through
 successes, dead letters and their handler, circuit breakers, handler KV writes (per-root
 budgets) and an abandoned sync call;
-the application role emits and writes KV; the read-only role reads the views. None of them
-can change the schema, and none can write outside dispatcher's tables.
+the application role emits and writes KV; the producer role only emits; the read-only role
+reads the views. None of them can change the schema, and none can write outside dispatcher's
+tables. Producers enqueue only through the emit functions: they can neither write an outbox
+row of their own (choosing its target and principal) nor read one.
 """
 
 from __future__ import annotations
 
+import json
 import signal
+import uuid
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
@@ -25,6 +29,7 @@ from dispatcher import (
     Mutation,
     Op,
     RetryPolicy,
+    emit,
     emit_many,
 )
 from tests.chaos.handlers import build_registry
@@ -56,18 +61,40 @@ RUNTIME_FORBIDDEN = [
     "UPDATE public.chaos_ledger SET outcome = 'forged'",
     "DELETE FROM dispatcher.dispatcher_alembic_version",
 ]
-APP_FORBIDDEN = [
+# A row written by hand would run any target as any principal: only the emit functions may
+# write the outbox.
+FORGED_ROW = """
+    INSERT INTO dispatcher.outbox (event_id, trigger_id, scope, trigger_name, target,
+        registered_by, payload, retry_kind, retry_base_delay, retry_factor, retry_max_delay,
+        retry_jitter, max_attempts, timeout)
+    VALUES (gen_random_uuid(), 1, 'acme', 'work', 'anything', 'user:admin', '{}',
+        'constant', 1, 1, 1, 0, 1, 1)"""
+PRODUCER_FORBIDDEN = [
+    FORGED_ROW,
+    "INSERT INTO dispatcher.outbox (event_id, trigger_id) VALUES (gen_random_uuid(), 1)",
     "UPDATE dispatcher.outbox SET attempts = 0",
     "DELETE FROM dispatcher.outbox",
     "SELECT payload FROM dispatcher.outbox",
+    "SELECT id FROM dispatcher.outbox",
+    "SELECT * FROM dispatcher.triggers",
+    "UPDATE dispatcher.triggers SET target = 'anything'",
     "SELECT * FROM dispatcher.dead_letters",
     "INSERT INTO public.app_data VALUES (1)",
     "CREATE TABLE dispatcher.evil (n int)",
+    "CREATE FUNCTION dispatcher.evil() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+]
+APP_FORBIDDEN = PRODUCER_FORBIDDEN
+# The producer role has no table privilege at all, the reference KV table included.
+PRODUCER_ONLY_FORBIDDEN = [
+    "SELECT * FROM dispatcher.kv",
+    "INSERT INTO dispatcher.kv (scope, namespace, key, value) VALUES ('a', 'b', 'c', '1')",
 ]
 READONLY_FORBIDDEN = [
     "INSERT INTO dispatcher.kv (scope, namespace, key, value) VALUES ('a', 'b', 'c', '1')",
     "DELETE FROM dispatcher.dead_letters",
     "CREATE TABLE dispatcher.evil (n int)",
+    # EXECUTE on the emit functions is not PUBLIC's: only the emitting roles are granted it.
+    "SELECT dispatcher.emit(gen_random_uuid(), 'acme', 'orders', 'o/ro', 'put', '1')",
 ]
 
 
@@ -188,3 +215,105 @@ async def test_the_runtime_role_works_and_cannot_change_the_schema(
             await c.close()
     # Idempotent: a second run (as after the next migration) changes nothing and succeeds.
     await conn.execute(await anyio.Path(SCRIPT).read_text())
+
+
+async def _run_script(conn: asyncpg.Connection) -> None:
+    try:
+        await conn.execute(await anyio.Path(SCRIPT).read_text())
+    except asyncpg.InsufficientPrivilegeError as exc:
+        pytest.skip(f"the test database's user cannot create roles: {exc}")
+
+
+RAW_EMIT = "SELECT * FROM dispatcher.emit($1, 'acme', 'orders', $2, 'put', $3)"
+RAW_EMIT_MANY = """
+    SELECT * FROM dispatcher.emit_many($1, ARRAY['acme', 'acme'], ARRAY['orders', 'orders'],
+        $2, ARRAY['put', 'delete'], ARRAY['{"n": 1}', NULL]::jsonb[], ARRAY[0, 0])"""
+
+
+@pytest.mark.parametrize("role", ["dispatcher_app", "dispatcher_producer"])
+async def test_producers_emit_only_through_the_emit_functions(
+    chaos: Harness, conn: asyncpg.Connection, dsn: str, role: str
+) -> None:
+    await conn.execute("CREATE TABLE public.app_data (n int)")
+    await _run_script(conn)
+    work = await chaos.trigger("work", "work", namespace="orders", registered_by="user:7")
+    producer = await asyncpg.connect(as_role(dsn, role))
+    try:
+        # Rolled back, through the Python API and raw SQL alike: no row.
+        rolled_back = [uuid.uuid4() for _ in range(4)]
+        tx = producer.transaction()
+        await tx.start()
+        assert (
+            len(
+                await emit(
+                    producer, Mutation("acme", "orders", "o/1", Op.PUT, 1, event_id=rolled_back[0])
+                )
+            )
+            == 1
+        )
+        assert (
+            len(
+                await emit_many(
+                    producer,
+                    [Mutation("acme", "orders", "o/2", Op.PUT, 2, event_id=rolled_back[1])],
+                )
+            )
+            == 1
+        )
+        raw = await producer.fetchrow(RAW_EMIT, rolled_back[2], "o/3", '{"n": 3}')
+        assert raw is not None
+        assert raw["matched"] == 1
+        assert len(raw["outbox_ids"]) == 1
+        await tx.rollback()
+        leftover = await conn.fetchval(
+            "SELECT count(*) FROM dispatcher.outbox WHERE event_id = ANY($1)", rolled_back
+        )
+        assert leftover == 0
+
+        # Committed: one row each, whose target and principal are the trigger's.
+        committed = [uuid.uuid4() for _ in range(5)]
+        async with producer.transaction():
+            await emit(
+                producer, Mutation("acme", "orders", "o/4", Op.PUT, {"n": 4}, event_id=committed[0])
+            )
+            composite = await producer.fetchval(
+                "SELECT dispatcher.emit($1, 'acme', 'orders', 'o/5', 'put', '5')", committed[1]
+            )
+            assert composite[0] == 1  # (matched, outbox_ids, trigger_ids)
+            await producer.fetchrow(RAW_EMIT, committed[2], "o/6", '{"n": 6}')
+            bulk = await producer.fetchrow(RAW_EMIT_MANY, committed[3:5], ["o/7", "o/7"])
+            assert bulk is not None
+            assert bulk["over_ordinal"] is None
+            assert list(bulk["event_ids"]) == committed[3:5]
+        rows = await conn.fetch(
+            "SELECT event_id, trigger_id, target, registered_by, payload FROM dispatcher.outbox"
+            " WHERE event_id = ANY($1) ORDER BY id",
+            committed,
+        )
+        assert [r["event_id"] for r in rows] == committed
+        assert {(r["trigger_id"], r["target"], r["registered_by"]) for r in rows} == {
+            (work.id, "work", "user:7")
+        }
+        payloads = [json.loads(r["payload"]) for r in rows]
+        assert [(p["key"], p["op"], p["value"]) for p in payloads] == [
+            ("o/4", "put", {"n": 4}),
+            ("o/5", "put", 5),
+            ("o/6", "put", {"n": 6}),
+            ("o/7", "put", {"n": 1}),
+            ("o/7", "delete", None),
+        ]
+
+        if role == "dispatcher_app":
+            # KvStore writes the kv table and emits through the same function.
+            write = await KvStore().put(producer, "acme", "orders", "o/kv", {"v": 1})
+            assert [e.trigger_id for e in write.enqueued] == [work.id]
+            committed.append(write.event_id)
+
+        # Nothing else: no row of its own, no reading the outbox or the triggers.
+        forbidden = PRODUCER_FORBIDDEN + (
+            PRODUCER_ONLY_FORBIDDEN if role == "dispatcher_producer" else []
+        )
+        assert await _denied(producer, forbidden) == []
+        assert await conn.fetchval("SELECT count(*) FROM dispatcher.outbox") == len(committed)
+    finally:
+        await producer.close()

@@ -6,10 +6,21 @@ from typing import Any
 
 import asyncpg
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dispatcher.core.errors import InvalidInput, LimitExceeded
 from dispatcher.core.models import Mutation, Op, RetryPolicy
-from dispatcher.emit import Emitter, emit, emit_many
+from dispatcher.emit import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    MAX_FANOUT,
+    MAX_NESTING,
+    MAX_PAYLOAD_BYTES,
+    Emitter,
+    emit,
+    emit_many,
+    encode_event,
+)
 from dispatcher.kv import KvStore
 from dispatcher.triggers import TriggerRegistry
 
@@ -260,3 +271,338 @@ async def test_kv_store_writes_and_emits_in_one_transaction(conn: asyncpg.Connec
         await put_then_fail()
     assert await kv.get(conn, "acme", "users", "users/9") is None
     assert len(await outbox(conn)) == 3
+
+
+# --- the emit functions: one definition of fan-out, for Python and raw SQL callers ---
+
+ROW_COLUMNS = (
+    "event_id, trigger_id, scope, trigger_name, target, registered_by, payload, depth, "
+    "retry_kind, retry_base_delay, retry_factor, retry_max_delay, retry_jitter, max_attempts, "
+    "max_event_age, timeout, park_on, attempts, due_at <= clock_timestamp() AS due"
+)
+RAW_EMIT = "SELECT * FROM dispatcher.emit($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10)"
+RAW_EMIT_MANY = (
+    "SELECT * FROM dispatcher.emit_many($1, $2, $3, $4, $5, $6::jsonb[], $7, $8, $9, $10)"
+)
+
+
+def _raw_args(m: Mutation, max_fanout: int = 100) -> tuple[object, ...]:
+    return (
+        m.event_id,
+        m.scope,
+        m.namespace,
+        m.key,
+        m.op.value,
+        json.dumps(m.value),
+        m.depth,
+        m.root_id,
+        max_fanout,
+        False,
+    )
+
+
+def _raw_many_args(ms: list[Mutation], max_fanout: int = 100) -> tuple[object, ...]:
+    cols = list(zip(*(_raw_args(m) for m in ms), strict=True))
+    return (*(list(c) for c in cols[:8]), max_fanout, False)
+
+
+async def _rows(conn: asyncpg.Connection) -> list[tuple[object, ...]]:
+    rows = await conn.fetch(f"SELECT {ROW_COLUMNS} FROM dispatcher.outbox ORDER BY 1, 2")
+    return [tuple(json.loads(v) if k == "payload" else v for k, v in r.items()) for r in rows]
+
+
+async def test_the_sql_functions_and_the_python_emit_write_the_same_rows(
+    conn: asyncpg.Connection,
+) -> None:
+    policy = RetryPolicy(base_delay=2, max_delay=20, max_attempts=4, jitter=0.3)
+    await add(conn, "all", "users/*", retry=policy, execution_timeout=7)
+    await add(conn, "exact", "users/7")
+    await add(conn, "glob", "users/?")
+    await add(conn, "del", "users/*", ops=["delete"])
+    await add(conn, "off", "users/*", enabled=False)
+    await add(conn, "dlh", "users/*", is_dead_letter_handler=True)
+    await add(conn, "elsewhere", "users/*", scope="other")
+    root = uuid.uuid4()
+    muts = [
+        Mutation(
+            "acme",
+            "users",
+            f"users/{i}",
+            Op.PUT if i % 3 else Op.DELETE,
+            {"i": i, "s": "é\u2028", "f": 0.5, "deep": [[{"x": None}]]} if i % 3 else None,
+            depth=i % 2,
+            root_id=root if i % 4 == 0 else None,
+        )
+        for i in range(12)
+    ] + [put("nomatch/1"), put("users/1", scope="nobody")]
+
+    for m in muts:
+        await emit(conn, m)
+    python_one = await _rows(conn)
+    await conn.execute("DELETE FROM dispatcher.outbox")
+    await emit_many(conn, muts)
+    python_bulk = await _rows(conn)
+    await conn.execute("DELETE FROM dispatcher.outbox")
+    for m in muts:
+        await conn.fetchrow(RAW_EMIT, *_raw_args(m))
+    sql_one = await _rows(conn)
+    await conn.execute("DELETE FROM dispatcher.outbox")
+    await conn.fetchrow(RAW_EMIT_MANY, *_raw_many_args(muts))
+    sql_bulk = await _rows(conn)
+
+    assert len(python_one) > len(muts)
+    assert python_one == python_bulk == sql_one == sql_bulk
+    # The payload the functions build is the one encode_event writes (what invoke() and
+    # the runtime read).
+    payloads = {(r[0], r[1]): r[6] for r in sql_one}
+    for m in muts:
+        for (event_id, _), payload in payloads.items():
+            if event_id == m.event_id:
+                assert payload == json.loads(encode_event(m, max_bytes=1 << 20))
+
+
+async def test_the_sql_functions_and_the_python_emit_cap_fanout_alike(
+    conn: asyncpg.Connection,
+) -> None:
+    for i in range(3):
+        await add(conn, f"t{i}", "users/*")
+    over = put("users/1")
+    under = put("users/2")
+
+    with pytest.raises(LimitExceeded) as single:
+        await Emitter(max_fanout=2).emit(conn, over)
+    raw = await conn.fetchrow(RAW_EMIT, *_raw_args(over, max_fanout=2))
+    assert raw is not None
+    assert (raw["matched"], raw["outbox_ids"], raw["trigger_ids"]) == (single.value.actual, [], [])
+
+    with pytest.raises(LimitExceeded) as bulk:
+        await Emitter(max_fanout=2).emit_many(conn, [under, over])
+    raw_many = await conn.fetchrow(RAW_EMIT_MANY, *_raw_many_args([under, over], max_fanout=2))
+    assert raw_many is not None
+    assert raw_many["over_ordinal"] == 1  # the first mutation past the cap: all or nothing
+    assert raw_many["over_matched"] == bulk.value.actual == 3
+    assert raw_many["outbox_ids"] == []
+    assert await outbox(conn) == []
+
+    exact = await conn.fetchrow(RAW_EMIT, *_raw_args(over, max_fanout=3))
+    assert exact is not None
+    assert exact["matched"] == 3
+    assert len(exact["outbox_ids"]) == 3
+    # The same event again: ON CONFLICT DO NOTHING, in both forms.
+    assert (await conn.fetchrow(RAW_EMIT, *_raw_args(over)))["outbox_ids"] == []  # type: ignore[index]
+    again = await conn.fetchrow(RAW_EMIT_MANY, *_raw_many_args([over]))
+    assert again is not None
+    assert (again["matched"], again["outbox_ids"]) == (3, [])
+    assert await Emitter(max_fanout=3).emit(conn, over) == []
+    assert len(await outbox(conn)) == 3
+
+
+GOOD = {
+    "event_id": "gen_random_uuid()",
+    "scope": "'acme'",
+    "namespace": "'users'",
+    "key": "'users/1'",
+    "op": "'put'",
+    "value": "'1'::jsonb",
+    "depth": "0",
+    "max_fanout": "100",
+}
+
+
+def _nested_json(levels: int) -> str:
+    return "[" * levels + "]" * levels
+
+
+@pytest.mark.parametrize(
+    ("argument", "sql", "says"),
+    [
+        ("op", "'upsert'", "op must be 'put' or 'delete', not 'upsert'"),
+        ("op", "NULL", "op must be 'put' or 'delete', not null"),
+        ("depth", "-1", "depth must be a non-negative integer, not -1"),
+        ("max_fanout", "0", "max_fanout must be 1 to 10000, not 0"),
+        ("max_fanout", "1000000", "max_fanout must be 1 to 10000, not 1000000"),
+        ("event_id", "NULL", "event_id must not be null"),
+        ("scope", "''", "scope must be 1 to 200 characters"),
+        ("key", "repeat('k', 1025)", "key must be 1 to 1024 characters"),
+        ("key", "E'users/\\n1'", "key must be 1 to 1024 characters, without control"),
+        ("value", "to_jsonb(repeat('x', 16 * 1024 * 1024))", "value is 16777218 bytes of JSON"),
+        (
+            "value",
+            f"'{_nested_json(MAX_NESTING + 1)}'::jsonb",
+            "value is nested more than 256 levels",
+        ),
+    ],
+)
+async def test_raw_sql_callers_get_clear_errors(
+    conn: asyncpg.Connection, argument: str, sql: str, says: str
+) -> None:
+    await add(conn, "a", "users/*")
+    args = {**GOOD, argument: sql}
+    single = ", ".join(f"{k} => {v}" for k, v in args.items())
+    bulk = ", ".join(
+        f"{k} => {v}" if k == "max_fanout" else f"{k} => ARRAY[{GOOD[k]}, {v}]"
+        for k, v in args.items()
+    )
+    with pytest.raises(asyncpg.InvalidParameterValueError) as raised:
+        await conn.fetchrow(f"SELECT * FROM dispatcher.emit({single})")
+    assert f"dispatcher.emit: {says}" in str(raised.value)
+    with pytest.raises(asyncpg.InvalidParameterValueError) as raised_many:
+        await conn.fetchrow(f"SELECT * FROM dispatcher.emit_many({bulk})")
+    where = "" if argument == "max_fanout" else "mutation 2 of 2, "
+    assert f"dispatcher.emit_many: {where}{says}" in str(raised_many.value)
+    assert await outbox(conn) == []
+
+
+async def test_raw_sql_bulk_arrays_must_be_of_one_length(conn: asyncpg.Connection) -> None:
+    with pytest.raises(asyncpg.InvalidParameterValueError, match="arrays of one length"):
+        await conn.fetchrow(
+            "SELECT * FROM dispatcher.emit_many(ARRAY[gen_random_uuid()], ARRAY['acme'], "
+            "ARRAY['users'], ARRAY['users/1', 'users/2'], ARRAY['put'], ARRAY['1'::jsonb], "
+            "ARRAY[0])"
+        )
+    empty = await conn.fetchrow(
+        "SELECT * FROM dispatcher.emit_many('{}', '{}', '{}', '{}', '{}', '{}', '{}')"
+    )
+    assert empty is not None
+    assert (empty["matched"], empty["outbox_ids"], empty["over_ordinal"]) == (0, [], None)
+
+
+async def test_nesting_bound_is_the_same_in_python_and_sql(conn: asyncpg.Connection) -> None:
+    await add(conn, "a", "users/*")
+    at_bound: Any = []
+    for _ in range(MAX_NESTING - 1):
+        at_bound = [at_bound]
+    assert len(await emit(conn, put("users/1", at_bound))) == 1
+    assert (await conn.fetchrow(RAW_EMIT, *_raw_args(put("users/2", at_bound))))["matched"] == 1  # type: ignore[index]
+    with pytest.raises(InvalidInput, match=f"nested more than {MAX_NESTING} levels deep"):
+        await emit(conn, put("users/3", [at_bound]))
+    with pytest.raises(asyncpg.InvalidParameterValueError, match="nested more than"):
+        await conn.fetchrow(RAW_EMIT, *_raw_args(put("users/4", [at_bound])))
+
+
+# --- refusing by size and by nesting before serialising ---
+
+
+class CountingStr(str):
+    """A string that counts how often its length is asked for (json.dumps never does)."""
+
+    measured = 0
+
+    def __len__(self) -> int:
+        CountingStr.measured += 1
+        return super().__len__()
+
+
+def _never_serialise(monkeypatch: pytest.MonkeyPatch, value: object) -> None:
+    real = json.dumps
+
+    def dumps(obj: Any, **kw: Any) -> str:
+        if obj is value or (isinstance(obj, dict) and obj.get("value") is value):
+            raise AssertionError("the value was serialised")
+        return real(obj, **kw)
+
+    monkeypatch.setattr(json, "dumps", dumps)
+
+
+@pytest.mark.parametrize("container", ["list", "dict"])
+def test_oversize_values_are_refused_without_serialising(
+    monkeypatch: pytest.MonkeyPatch, container: str
+) -> None:
+    CountingStr.measured = 0
+    deeper = [[CountingStr("y" * 10)] * 1000 for _ in range(10)]
+    items = [CountingStr("x" * 100_000), deeper]
+    value: Any = items if container == "list" else {"a": {"b": items}}
+    _never_serialise(monkeypatch, value)
+    with pytest.raises(LimitExceeded) as raised:
+        encode_event(put("users/1", value), max_bytes=64 * 1024)
+    assert raised.value.setting == "max_payload_bytes"
+    # The walk stopped at the first string, which alone is over the limit: none of the
+    # 10,000 strings nested deeper was looked at.
+    assert CountingStr.measured == 1
+
+
+def test_huge_strings_and_lists_are_refused_at_a_glance(monkeypatch: pytest.MonkeyPatch) -> None:
+    big_text = "x" * 20_000_000
+    many = [0] * 10_000_000
+    for value in (big_text, many, {"k": big_text}):
+        _never_serialise(monkeypatch, value)
+        with pytest.raises(LimitExceeded, match="at least"):
+            encode_event(put("users/1", value), max_bytes=DEFAULT_MAX_PAYLOAD_BYTES)
+
+
+@pytest.mark.parametrize("levels", [MAX_NESTING + 1, 980, 100_000])
+def test_deep_nesting_is_refused_with_a_clear_error(levels: int) -> None:
+    value: Any = "bottom"
+    for _ in range(levels):
+        value = [value] if levels % 2 else {"k": value}
+    with pytest.raises(InvalidInput) as raised:
+        encode_event(put("users/1", value), max_bytes=DEFAULT_MAX_PAYLOAD_BYTES)
+    assert raised.value.field == "value"
+    assert f"is nested more than {MAX_NESTING} levels deep; at most {MAX_NESTING}" in str(
+        raised.value
+    )
+
+
+def test_a_value_containing_itself_is_refused() -> None:
+    loop: list[Any] = [1]
+    loop.append(loop)
+    with pytest.raises(InvalidInput, match="contains itself"):
+        encode_event(put("users/1", loop), max_bytes=DEFAULT_MAX_PAYLOAD_BYTES)
+
+
+# Storable text: no lone surrogate, no NUL.
+TEXT = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"))
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | TEXT,
+    lambda inner: (
+        st.lists(inner, max_size=5)
+        | st.tuples(inner, inner)
+        | st.dictionaries(
+            TEXT | st.integers() | st.booleans() | st.none() | st.floats(1, 2),
+            inner,
+            max_size=5,
+        )
+    ),
+    max_leaves=30,
+)
+
+
+@given(value=JSON)
+@settings(database=None, deadline=None, max_examples=300)
+def test_the_size_walk_never_refuses_a_payload_within_the_limit(value: Any) -> None:
+    m = put("clé/1", value, depth=3)
+    text = encode_event(m, max_bytes=1 << 30)
+    # The same text as serialising the whole event at once, and accepted at exactly its size.
+    whole = {
+        "event_id": str(m.event_id),
+        "scope": m.scope,
+        "namespace": m.namespace,
+        "key": m.key,
+        "op": m.op.value,
+        "value": value,
+        "depth": m.depth,
+        "root": str(m.root),
+    }
+    assert text == json.dumps(whole, ensure_ascii=False, separators=(",", ":"))
+    size = len(text.encode("utf-8"))
+    assert encode_event(m, max_bytes=size) == text
+    with pytest.raises(LimitExceeded):
+        encode_event(m, max_bytes=size - 1)
+
+
+def test_emitter_limits_are_bounded() -> None:
+    for bad in (
+        {"max_fanout": 0},
+        {"max_fanout": MAX_FANOUT + 1},
+        {"max_payload_bytes": MAX_PAYLOAD_BYTES + 1},
+        {"max_fanout": True},
+    ):
+        with pytest.raises(InvalidInput):
+            Emitter(**bad)  # type: ignore[arg-type]
+    assert (
+        Emitter(max_fanout=MAX_FANOUT, max_payload_bytes=MAX_PAYLOAD_BYTES).max_fanout == MAX_FANOUT
+    )
