@@ -1,8 +1,9 @@
 """What an execution returned, what a claimed row is, and what happens to it next.
 
 ``route`` (in :mod:`dispatcher.core.routing`) turns a claimed row and an execution result
-into one of the ``Outcome`` values below; the SQL layer applies outcomes, fenced by the
-row's lease token.
+into one of the ``Outcome`` values below (the runtime adds ``Release`` for rows it gives
+back unrun); :mod:`dispatcher.runtime.settle` applies outcomes, fenced by the row's lease
+token.
 """
 
 from __future__ import annotations
@@ -194,6 +195,20 @@ class Park:
     error: ErrorRecord
 
 
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Give the lease back without consuming an attempt: the row is due again at once.
+    Never routed; the runtime releases rows it will not run (shutdown, cancellation)."""
+
+
 Outcome: TypeAlias = (
-    Complete | SkipDepth | Retry | Reschedule | DeadLetter | Reply | ResolveDeadLetter | Park
+    Complete
+    | SkipDepth
+    | Retry
+    | Reschedule
+    | DeadLetter
+    | Reply
+    | ResolveDeadLetter
+    | Park
+    | Release
 )

@@ -16,6 +16,7 @@ from dispatcher.core.outcomes import (
     Failure,
     FailureKind,
     Limits,
+    Release,
     Success,
 )
 from dispatcher.core.policy import RandomSource
@@ -25,7 +26,7 @@ from dispatcher.runtime.gate import ExecutionGate
 from dispatcher.runtime.handlers import Executor, HandlerContext, KvHandle, StillRunning
 from dispatcher.runtime.kv_session import root_of
 from dispatcher.runtime.principals import PrincipalResolver
-from dispatcher.runtime.settle import Decision, Release
+from dispatcher.runtime.settle import Decision
 from dispatcher.runtime.settler import Settler
 from dispatcher.runtime.signals import Signals
 from dispatcher.runtime.stats import Recorder, Stats

@@ -21,6 +21,7 @@ from dispatcher.core.outcomes import (
     FailureKind,
     Limits,
     Outcome,
+    Release,
 )
 from dispatcher.core.policy import RandomSource
 from dispatcher.core.redact import Redactor
@@ -31,7 +32,6 @@ from dispatcher.runtime.connections import DB_ERRORS, Connections
 from dispatcher.runtime.executor import Executions
 from dispatcher.runtime.gate import ExecutionGate
 from dispatcher.runtime.rows import row_from_record, undecodable_row
-from dispatcher.runtime.settle import Release
 from dispatcher.runtime.settler import Settler
 from dispatcher.runtime.signals import Signals
 from dispatcher.runtime.stats import Phase, Recorder, Stats

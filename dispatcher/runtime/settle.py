@@ -1,18 +1,27 @@
-"""Apply routed outcomes in SQL: batched per kind, one transaction per batch, every write
-fenced by the row id and the claim's lease token. A write that changes zero rows means the
-lease was lost (expired and re-claimed elsewhere): the result is dropped and counted stale.
+"""Apply routed outcomes in SQL: batched per statement, one transaction per batch, every
+write fenced by the row id and the claim's lease token. A write that changes zero rows means
+the lease was lost (expired and re-claimed elsewhere): the result is dropped and counted stale.
+
+Each kind of outcome is applied in one place, its ``case`` in :func:`_step`: the statement
+(a :class:`~dispatcher.runtime.settle_writes.Write`) that applies it, its per-row values,
+and what is counted once it is applied. A new transition is one ``case`` there (mypy points
+at it, and at :func:`dispatcher.core.breakers.breaker_effect`), plus a ``Write`` if no
+statement applies it yet.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeAlias, assert_never
+from functools import partial
+from itertools import compress
+from typing import NamedTuple, TypeAlias, assert_never
 
 import asyncpg
 
+from dispatcher.core.breakers import trailing_failures
 from dispatcher.core.outcomes import (
     ClaimedRow,
     Complete,
@@ -23,6 +32,7 @@ from dispatcher.core.outcomes import (
     FailureKind,
     Outcome,
     Park,
+    Release,
     Reply,
     Reschedule,
     Resolution,
@@ -35,21 +45,30 @@ from dispatcher.core.redact import Redactor
 from dispatcher.core.routing import http_status
 from dispatcher.core.sanitize import describe_exception, sanitize_json, sanitize_text
 from dispatcher.db import Connection
+from dispatcher.runtime import settle_counts as counts
 from dispatcher.runtime.inbox import InboxResolver
+from dispatcher.runtime.settle_writes import (
+    COMPLETE,
+    DEAD_LETTER,
+    DURABLE,
+    REPLY,
+    RESCHEDULE,
+    RESOLVE,
+    SKIP_DEPTH,
+    WRITES,
+    Settings,
+    Write,
+    Written,
+)
 from dispatcher.runtime.stats import Stats
 from dispatcher.sql import Sql
 
+__all__ = ["Applier", "BreakerSettings", "Decision", "Release", "Settlement", "is_data_error"]
+
 log = logging.getLogger("dispatcher.settle")
 
-# Failures that say the target (not one event) is unhealthy: they feed the circuit breaker.
-BREAKER_KINDS = frozenset(
-    {
-        FailureKind.HANDLER_ERROR,
-        FailureKind.TIMEOUT,
-        FailureKind.TARGET_NOT_FOUND,
-        FailureKind.PERMISSION_DENIED,
-    }
-)
+# What the settler queues: any outcome, Release included (the name predates that).
+Decision: TypeAlias = Outcome
 
 
 def is_data_error(exc: BaseException) -> bool:
@@ -59,17 +78,9 @@ def is_data_error(exc: BaseException) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
-class Release:
-    """Give the lease back without consuming an attempt (shutdown, cancellation)."""
-
-
-Decision: TypeAlias = Outcome | Release
-
-
-@dataclass(frozen=True, slots=True)
 class Settlement:
     row: ClaimedRow
-    decision: Decision
+    decision: Outcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +92,54 @@ class BreakerSettings:
     cooldown: float = 60.0
 
 
+class _Step(NamedTuple):
+    """How one settlement is applied: the statement, the row's values for it (after its id
+    and lease token, in the statement's column order), and what to count once applied.
+    (A tuple, and shared where it can be: one is made for every settled row.)"""
+
+    write: Write
+    columns: tuple[object, ...]
+    tally: Callable[[Stats], None]
+
+
+_COMPLETED = _Step(COMPLETE, (), counts.succeeded)
+_REPLIED = _Step(REPLY, (), counts.replied)
+
+
+def _step(s: Settlement, redactor: Redactor) -> _Step:
+    row = s.row
+    columns: tuple[object, ...]
+    match s.decision:
+        case Complete():
+            return _COMPLETED
+        case SkipDepth() as skip:
+            return _Step(
+                SKIP_DEPTH, (skip.limit,), partial(counts.depth_exceeded, row=row, skip=skip)
+            )
+        case Retry() as retry:
+            columns = (retry.delay, retry.attempts, None, _error_json(retry.error))
+            return _Step(RESCHEDULE, columns, counts.retried)
+        case Reschedule() as again:
+            columns = (again.delay, row.attempts, None, _error_json(again.error))
+            return _Step(RESCHEDULE, columns, counts.rescheduled)
+        case Release():
+            return _Step(RESCHEDULE, (0.0, row.attempts, None, None), counts.released)
+        case Park() as park:
+            columns = (None, None, park.kind.value, _error_json(park.error))
+            return _Step(RESCHEDULE, columns, partial(counts.parked, row=row, park=park))
+        case DeadLetter() as dead:
+            payload = _redacted_payload(row, redactor)
+            columns = (dead.reason.value, dead.attempts, _error_json(dead.error), payload)
+            return _Step(DEAD_LETTER, columns, partial(counts.dead_lettered, row=row, dead=dead))
+        case ResolveDeadLetter() as res:
+            columns = (res.dead_letter_id, res.resolution.value, res.error)
+            return _Step(RESOLVE, columns, partial(counts.resolved, resolution=res.resolution))
+        case Reply():
+            return _REPLIED
+        case _ as other:
+            assert_never(other)
+
+
 def _error_json(error: ErrorRecord | None) -> str | None:
     if error is None:
         return None
@@ -90,64 +149,17 @@ def _error_json(error: ErrorRecord | None) -> str | None:
     )
 
 
-@dataclass(slots=True)
-class _Batch:
-    complete: list[Settlement] = field(default_factory=list)
-    skip: list[tuple[Settlement, SkipDepth]] = field(default_factory=list)
-    reschedule: list[tuple[Settlement, float, int, str | None]] = field(default_factory=list)
-    park: list[tuple[Settlement, Park]] = field(default_factory=list)
-    dead: list[tuple[Settlement, DeadLetter]] = field(default_factory=list)
-    resolve: list[tuple[Settlement, ResolveDeadLetter]] = field(default_factory=list)
-    reply: list[tuple[Settlement, Reply]] = field(default_factory=list)
-
-
-def _group(items: Sequence[Settlement]) -> _Batch:
-    b = _Batch()
-    for item in items:
-        d = item.decision
-        match d:
-            case Complete():
-                b.complete.append(item)
-            case SkipDepth():
-                b.skip.append((item, d))
-            case Retry(delay=delay, attempts=attempts, error=error):
-                b.reschedule.append((item, delay, attempts, _error_json(error)))
-            case Reschedule(delay=delay, error=error):
-                b.reschedule.append((item, delay, item.row.attempts, _error_json(error)))
-            case Release():
-                b.reschedule.append((item, 0.0, item.row.attempts, None))
-            case Park():
-                b.park.append((item, d))
-            case DeadLetter():
-                b.dead.append((item, d))
-            case ResolveDeadLetter():
-                b.resolve.append((item, d))
-            case Reply():
-                b.reply.append((item, d))
-            case _:
-                assert_never(d)
-    return b
-
-
-def _breaker_failure(d: Decision) -> bool:
-    match d:
-        case Retry(error=error) | Park(error=error):
-            return error.kind in BREAKER_KINDS
-        case DeadLetter(error=error):
-            return error is not None and error.kind in BREAKER_KINDS
-        case _:
-            return False
+def _redacted_payload(row: ClaimedRow, redactor: Redactor) -> str | None:
+    if not redactor.enabled:
+        return None  # the statement keeps the stored payload
+    return json.dumps(redactor.redact_json(row.payload), ensure_ascii=False)
 
 
 @dataclass(slots=True)
 class _Applied:
-    completed: set[int] = field(default_factory=set)
-    skipped: set[int] = field(default_factory=set)
-    rescheduled: set[int] = field(default_factory=set)
-    parked: set[int] = field(default_factory=set)
-    moved: set[int] = field(default_factory=set)
-    resolved: set[int] = field(default_factory=set)
-    replied: set[int] = field(default_factory=set)
+    # Per settlement, in batch order: did its fenced write change its row?
+    applied: list[bool]
+    replied: bool = False
     unparked: int = 0
     breakers_closed: list[int] = field(default_factory=list)
     breakers_opened: list[int] = field(default_factory=list)
@@ -168,9 +180,8 @@ class Applier:
         self._sql = sql
         self._inbox = inbox
         self._stats = stats
-        self._max_errors = max_error_history
+        self._settings = Settings(max_error_history, unpark_batch)
         self._breaker = breaker or BreakerSettings()
-        self._unpark_batch = unpark_batch
         self._redactor = redactor or Redactor(frozenset())
 
     async def apply(self, conn: Connection, items: Sequence[Settlement]) -> None:
@@ -228,7 +239,7 @@ class Applier:
             },
         )
         failure = Failure(FailureKind.PERMANENT, message)
-        decision: Decision
+        decision: Outcome
         if row.reply_to is not None:
             decision = Reply(failure, http_status(failure))
         elif row.dead_letter_id is not None:
@@ -258,113 +269,74 @@ class Applier:
             )
 
     async def _apply(self, conn: Connection, items: Sequence[Settlement]) -> None:
-        b = _group(items)
+        steps = [_step(s, self._redactor) for s in items]
         async with conn.transaction():
-            done = await self._write(conn, b, items)
+            done = await self._write(conn, items, steps)
         # Committed. Only now may a reply leave: the row is gone, so it is delivered at most
         # once, and only by the holder of the live lease.
-        self._count(b, done)
-        await self._deliver(conn, [(s, r) for s, r in b.reply if s.row.id in done.replied])
+        self._count(steps, done)
+        if done.replied:
+            await self._deliver(
+                conn,
+                [
+                    (s, s.decision)
+                    for s, applied in zip(items, done.applied, strict=True)
+                    if applied and isinstance(s.decision, Reply)
+                ],
+            )
 
-    async def _write(self, conn: Connection, b: _Batch, items: Sequence[Settlement]) -> _Applied:
-        q = self._sql
-        done = _Applied()
-        if b.reply or b.dead or b.resolve:
-            await conn.execute(q.durable_commit)
-        if b.complete:
-            row = await conn.fetchrow(
-                q.complete_fenced,
-                [s.row.id for s in b.complete],
-                [s.row.lease_token for s in b.complete],
-                self._unpark_batch,
-            )
-            assert row is not None
-            done.completed = set(row["deleted"])
-            done.unparked = int(row["unparked"])
-            done.breakers_closed = list(row["breakers_closed"])
-        if b.skip:
+    async def _write(
+        self, conn: Connection, items: Sequence[Settlement], steps: Sequence[_Step]
+    ) -> _Applied:
+        groups: dict[Write, list[int]] = {}
+        for i, step in enumerate(steps):
+            groups.setdefault(step.write, []).append(i)
+        if not DURABLE.isdisjoint(groups):
+            await conn.execute(self._sql.durable_commit)
+        written: dict[Write, Written] = {}
+        done = _Applied([])
+        for write in WRITES:  # in this order: see WRITES
+            group = groups.get(write)
+            if group is None:
+                continue
             rows = await conn.fetch(
-                q.skip_depth_fenced,
-                [s.row.id for s, _ in b.skip],
-                [s.row.lease_token for s, _ in b.skip],
-                [d.limit for _, d in b.skip],
+                write.statement(self._sql),
+                [items[i].row.id for i in group],
+                [items[i].row.lease_token for i in group],
+                *self._columns(write, [steps[i] for i in group]),
+                *write.settings(self._settings),
             )
-            done.skipped = {r["id"] for r in rows}
-        if b.reschedule:
-            rows = await conn.fetch(
-                q.reschedule_fenced,
-                [s.row.id for s, *_ in b.reschedule],
-                [s.row.lease_token for s, *_ in b.reschedule],
-                [delay for _, delay, _, _ in b.reschedule],
-                [attempts for _, _, attempts, _ in b.reschedule],
-                [error for *_, error in b.reschedule],
-                self._max_errors,
-            )
-            done.rescheduled = {r["id"] for r in rows}
-        if b.park:
-            rows = await conn.fetch(
-                q.park_fenced,
-                [s.row.id for s, _ in b.park],
-                [s.row.lease_token for s, _ in b.park],
-                [p.kind.value for _, p in b.park],
-                [_error_json(p.error) for _, p in b.park],
-                self._max_errors,
-            )
-            done.parked = {r["id"] for r in rows}
-        if b.dead:
-            row = await conn.fetchrow(
-                q.dead_letter_fenced,
-                [s.row.id for s, _ in b.dead],
-                [s.row.lease_token for s, _ in b.dead],
-                [d.reason.value for _, d in b.dead],
-                [d.attempts for _, d in b.dead],
-                [_error_json(d.error) for _, d in b.dead],
-                [self._redacted_payload(s.row) for s, _ in b.dead],
-            )
-            assert row is not None
-            done.moved = set(row["moved"])
-        if b.resolve:
-            row = await conn.fetchrow(
-                q.resolve_dead_letter_fenced,
-                [s.row.id for s, _ in b.resolve],
-                [s.row.lease_token for s, _ in b.resolve],
-                [d.dead_letter_id for _, d in b.resolve],
-                [d.resolution.value for _, d in b.resolve],
-                [d.error for _, d in b.resolve],
-            )
-            assert row is not None
-            done.resolved = set(row["deleted"])
-        done.replied = await self._fenced(conn, q.delete_fenced, [s for s, _ in b.reply])
-        await self._feed_breakers(conn, items, done)
+            result = written[write] = write.read(rows)
+            done.unparked += result.unparked
+            done.breakers_closed += result.breakers_closed
+        # A KeyError here is a Write missing from WRITES.
+        done.applied = [
+            s.row.id in written[step.write].ids for s, step in zip(items, steps, strict=True)
+        ]
+        done.replied = REPLY in written
+        done.breakers_opened = await self._feed_breakers(conn, items, done.applied)
         return done
 
-    def _redacted_payload(self, row: ClaimedRow) -> str | None:
-        if not self._redactor.enabled:
-            return None  # the statement keeps the stored payload
-        return json.dumps(self._redactor.redact_json(row.payload), ensure_ascii=False)
+    @staticmethod
+    def _columns(write: Write, steps: Sequence[_Step]) -> list[list[object]]:
+        """The rows' values as one array per column (rows in, columns out)."""
+        if not write.columns:
+            return []
+        assert len(steps[0].columns) == len(write.columns), write.name
+        return [list(column) for column in zip(*(step.columns for step in steps), strict=True)]
 
     async def _feed_breakers(
-        self, conn: Connection, items: Sequence[Settlement], done: _Applied
-    ) -> None:
+        self, conn: Connection, items: Sequence[Settlement], applied: Sequence[bool]
+    ) -> list[int]:
+        """Add each trigger's trailing failures to its breaker; returns the triggers whose
+        breaker this opened."""
         if self._breaker.threshold <= 0:
-            return
-        # Consecutive failures, in completion order: a success in this batch has already
-        # reset the trigger's count (complete_fenced), so only the failures after its last
-        # success count. Adding all of them would let 10% random failures in a batch of
-        # 500 open the breaker.
-        trailing: dict[int, int] = {}
-        applied = done.rescheduled | done.parked | done.moved
-        for s in items:
-            if s.row.reply_to is not None or s.row.dead_letter_id is not None:
-                continue
-            if isinstance(s.decision, Complete):
-                if s.row.id in done.completed:
-                    trailing[s.row.trigger_id] = 0
-            elif s.row.id in applied and _breaker_failure(s.decision):
-                trailing[s.row.trigger_id] = trailing.get(s.row.trigger_id, 0) + 1
-        failures = {t: n for t, n in trailing.items() if n}
+            return []
+        failures = trailing_failures(
+            [(s.row, s.decision, ok) for s, ok in zip(items, applied, strict=True)]
+        )
         if not failures:
-            return
+            return []
         rows = await conn.fetch(
             self._sql.breaker_failures,
             list(failures),
@@ -372,109 +344,21 @@ class Applier:
             self._breaker.threshold,
             self._breaker.cooldown,
         )
-        done.breakers_opened = [r["trigger_id"] for r in rows if r["just_opened"]]
         held = [r["trigger_id"] for r in rows if r["is_open"]]
         if held:
             await conn.execute(self._sql.hold_behind_breaker, held)
+        return [r["trigger_id"] for r in rows if r["just_opened"]]
 
-    async def _fenced(self, conn: Connection, sql: str, items: Sequence[Settlement]) -> set[int]:
-        if not items:
-            return set()
-        rows = await conn.fetch(sql, [s.row.id for s in items], [s.row.lease_token for s in items])
-        return {r["id"] for r in rows}
-
-    def _count(self, b: _Batch, done: _Applied) -> None:
-        st = self._stats
-        stale = 0
-        for s in b.complete:
-            if s.row.id in done.completed:
-                st.succeeded += 1
-            else:
-                stale += 1
-        for s, _ in b.skip:
-            if s.row.id not in done.skipped:
-                stale += 1
-                continue
-            st.depth_exceeded += 1
-            log.warning(
-                "trigger depth limit reached; row not run (kept in depth_cutoffs)",
-                extra={
-                    "event": "dispatcher.depth_exceeded",
-                    "trigger": s.row.trigger_name,
-                    "scope": s.row.scope,
-                    "depth": s.row.depth,
-                },
-            )
-        for s, *_ in b.reschedule:
-            if s.row.id not in done.rescheduled:
-                stale += 1
-                continue
-            match s.decision:
-                case Retry():
-                    st.retried += 1
-                case Reschedule():
-                    st.rescheduled += 1
-                case Release():
-                    st.released += 1
-                case _:
-                    pass
-        for s, p in b.park:
-            if s.row.id not in done.parked:
-                stale += 1
-                continue
-            st.parked += 1
-            log.warning(
-                "row parked",
-                extra={
-                    "event": "dispatcher.parked",
-                    "trigger": s.row.trigger_name,
-                    "scope": s.row.scope,
-                    "kind": p.kind.value,
-                },
-            )
-        for s, d in b.dead:
-            if s.row.id not in done.moved:
-                stale += 1
-                continue
-            st.dead_lettered += 1
-            st.dead_letters_by_reason[d.reason.value] += 1
-            log.warning(
-                "row dead-lettered",
-                extra={
-                    "event": "dispatcher.dead_lettered",
-                    "trigger": s.row.trigger_name,
-                    "scope": s.row.scope,
-                    "reason": d.reason.value,
-                    "attempts": d.attempts,
-                },
-            )
-        for s, r in b.resolve:
-            if s.row.id not in done.resolved:
-                stale += 1
-            elif r.resolution is Resolution.HANDLED:
-                st.handled += 1
-            else:
-                st.handler_failed += 1
-        stale += sum(1 for s, _ in b.reply if s.row.id not in done.replied)
-        st.unparked += done.unparked
-        for trigger_id in done.breakers_opened:
-            st.breakers_opened += 1
-            log.warning(
-                "circuit breaker opened",
-                extra={"event": "dispatcher.breaker_opened", "trigger_id": trigger_id},
-            )
-        for trigger_id in done.breakers_closed:
-            st.breakers_closed += 1
-            log.info(
-                "circuit breaker closed",
-                extra={"event": "dispatcher.breaker_closed", "trigger_id": trigger_id},
-            )
-        if stale:
-            st.stale += stale
-            log.info(
-                "stale results dropped (lease lost)",
-                extra={"event": "dispatcher.stale", "count": stale},
-            )
+    def _count(self, steps: Sequence[_Step], done: _Applied) -> None:
+        for step in compress(steps, done.applied):
+            step.tally(self._stats)
+        counts.batch(
+            self._stats,
+            stale=len(steps) - sum(done.applied),
+            unparked=done.unparked,
+            breakers_opened=done.breakers_opened,
+            breakers_closed=done.breakers_closed,
+        )
 
     async def _deliver(self, conn: Connection, replies: Sequence[tuple[Settlement, Reply]]) -> None:
         abandoned: list[tuple[Settlement, Reply]] = []

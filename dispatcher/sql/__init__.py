@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import cache
 
-from dispatcher.schema import DEFAULT_SCHEMA, check_schema_name
+from dispatcher.names import DEFAULT_SCHEMA, check_schema_name
 
 # The trigger columns snapshotted into every outbox row (editing a trigger never changes
 # rows in flight).
@@ -26,26 +26,6 @@ POLICY_COLUMNS = (
 _POLICY = ", ".join(POLICY_COLUMNS)
 _T_POLICY = ", ".join(f"t.{c}" for c in POLICY_COLUMNS)
 _SNAPSHOT = f"trigger_id, scope, trigger_name, target, registered_by, {_POLICY}"
-
-# The trigger-match predicate, shared by single and bulk emit. ``mu`` is the mutation (scope,
-# namespace, key, op). Prefix and glob patterns are found through the index by probing every
-# prefix of the key; the glob's LIKE (its literal characters escaped at registration) then
-# filters the few candidates.
-_MATCH = """
-    t.scope = mu.scope
-    AND t.namespace = mu.namespace
-    AND t.match_prefix = ANY (ARRAY(
-        SELECT left(mu.key, n) FROM generate_series(0, length(mu.key)) AS g(n)))
-    AND t.enabled
-    AND NOT t.is_dead_letter_handler
-    AND mu.op = ANY (t.ops)
-    AND CASE t.pattern_kind
-        WHEN 'exact' THEN t.match_prefix = mu.key
-        WHEN 'prefix' THEN true
-        ELSE mu.key LIKE t.match_like ESCAPE '\\'
-    END
-"""
-
 
 # What a claim returns (the row as routing and execution see it); ``o`` is the outbox row.
 _CLAIMED = f"""o.id, o.lease_token, o.event_id, o.trigger_id, o.scope, o.trigger_name,
@@ -88,50 +68,16 @@ class Sql:
         self.lock_scope = "SELECT pg_advisory_xact_lock(hashtextextended($1, 7215))"
 
         # --- emit ---
-        # One round trip for any number of mutations: match in SQL, enforce the fan-out cap
-        # per mutation (nothing is inserted when any mutation exceeds it), insert with the
-        # policy snapshot, and send one wake-up hint when $9 says so (Postgres folds
-        # identical notifications of a transaction into one; the emitter debounces across
-        # transactions, because a notifying commit holds a database-wide lock until its WAL
-        # flush, which serialises concurrent producers).
+        # Fan-out is defined once, by the emit functions in the schema (migration 0007):
+        # matching, the all-or-nothing fan-out cap, the policy snapshot, the payload and the
+        # wake-up hint, sent when $10 says so. The emitter debounces hints across
+        # transactions (Postgres folds a transaction's identical notifications into one),
+        # because a notifying commit holds a database-wide lock until its WAL flush, which
+        # serialises concurrent producers. Bulk: one round trip for any number of mutations.
         self.emit = f"""
-            WITH mu AS (
-                -- payload parsed once per mutation, not once per matching trigger
-                SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[],
-                    $5::text[], $6::jsonb[], $7::int[])
-                    WITH ORDINALITY AS u(event_id, scope, namespace, key, op, payload, depth, ord)
-            ),
-            m AS MATERIALIZED (
-                SELECT mu.ord, mu.event_id, mu.payload, mu.depth, t.*
-                FROM mu CROSS JOIN LATERAL (
-                    SELECT t.id AS trigger_id, t.scope, t.name AS trigger_name, t.target,
-                        t.registered_by, {_T_POLICY}, count(*) OVER () AS n
-                    FROM {s}.triggers t
-                    WHERE {_MATCH}
-                    LIMIT $8 + 1
-                ) t
-            ),
-            over AS (
-                SELECT ord, n FROM m WHERE n > $8 ORDER BY ord LIMIT 1
-            ),
-            ins AS (
-                INSERT INTO {s}.outbox (event_id, payload, depth, {_SNAPSHOT})
-                SELECT event_id, payload, depth, {_SNAPSHOT}
-                FROM m WHERE NOT EXISTS (SELECT 1 FROM over)
-                ON CONFLICT (event_id, trigger_id) DO NOTHING
-                RETURNING id, event_id, trigger_id
-            )
-            SELECT (SELECT ord FROM over) AS over_ord,
-                (SELECT n FROM over) AS over_n,
-                (SELECT count(*) FROM m) AS matched,
-                (SELECT coalesce(array_agg(id ORDER BY id), '{{}}') FROM ins) AS ids,
-                (SELECT coalesce(array_agg(event_id ORDER BY id), '{{}}') FROM ins) AS event_ids,
-                (SELECT coalesce(array_agg(trigger_id ORDER BY id), '{{}}') FROM ins)
-                    AS trigger_ids,
-                (SELECT count(*) FROM (
-                    SELECT pg_notify('{self.channel}', '') FROM ins WHERE $9 LIMIT 1) AS w)
-                    AS notified
-            """
+            SELECT over_ordinal, over_matched, matched, outbox_ids, event_ids, trigger_ids
+            FROM {s}.emit_many($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+                $6::jsonb[], $7::int[], $8::uuid[], $9::int, $10::bool)"""
 
         # --- runtime: claim ---
         # Every eligibility predicate sits inside the locking CTE: a filter applied after
@@ -280,20 +226,6 @@ class Sql:
                 (SELECT count(*) FROM (
                     SELECT pg_notify('{self.channel}', '') FROM unparked LIMIT 1) AS w)
                     AS notified"""
-        # Park: out of the claim index's way (due_at = infinity), attempts kept.
-        self.park_fenced = f"""
-            UPDATE {s}.outbox o
-            SET due_at = 'infinity', parked_at = clock_timestamp(), parked_reason = f.kind,
-                lease_token = NULL,
-                errors = CASE
-                    WHEN jsonb_array_length(o.errors) >= $5 THEN (o.errors - 0)
-                    ELSE o.errors END
-                    || jsonb_build_array(f.error::jsonb
-                        || jsonb_build_object('at', clock_timestamp()))
-            FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[])
-                AS f(id, token, kind, error)
-            WHERE o.id = f.id AND o.lease_token = f.token
-            RETURNING o.id"""
         # Counted failures per trigger: open the breaker at the threshold (or at once from
         # half-open: the probe failed). One upsert per trigger; returns the triggers whose
         # breaker opened with this statement.
@@ -352,23 +284,31 @@ class Sql:
             WHERE b.trigger_id = ANY($1::bigint[]) AND b.state = 'open'
                 AND o.trigger_id = b.trigger_id AND o.lease_token IS NULL
                 AND o.parked_at IS NULL AND o.due_at < b.open_until"""
-        # Retries, no-attempt reschedules and lease releases. The error history is bounded:
-        # past $6 entries the oldest is dropped.
+        # Rows kept in the outbox, lease cleared, in one statement whatever the mix: retries,
+        # no-attempt reschedules and lease releases come due after f.delay with f.attempts;
+        # parks (f.park: the failure kind) leave the claim index's way (due_at = infinity)
+        # with their attempts (f.attempts is null) until un-parked. The error history is
+        # bounded: past $7 entries the oldest is dropped.
         self.reschedule_fenced = f"""
             UPDATE {s}.outbox o
-            SET due_at = clock_timestamp() + make_interval(secs => f.delay),
-                attempts = f.attempts,
+            SET due_at = CASE WHEN f.park IS NULL
+                    THEN clock_timestamp() + make_interval(secs => f.delay)
+                    ELSE 'infinity' END,
+                attempts = coalesce(f.attempts, o.attempts),
                 lease_token = NULL,
+                parked_at = CASE WHEN f.park IS NULL THEN o.parked_at
+                    ELSE clock_timestamp() END,
+                parked_reason = coalesce(f.park, o.parked_reason),
                 errors = CASE
                     WHEN f.error IS NULL THEN o.errors
-                    WHEN jsonb_array_length(o.errors) >= $6
+                    WHEN jsonb_array_length(o.errors) >= $7
                         THEN (o.errors - 0) || jsonb_build_array(
                             f.error::jsonb || jsonb_build_object('at', clock_timestamp()))
                     ELSE o.errors || jsonb_build_array(
                         f.error::jsonb || jsonb_build_object('at', clock_timestamp()))
                 END
-            FROM unnest($1::bigint[], $2::uuid[], $3::float8[], $4::int[], $5::text[])
-                AS f(id, token, delay, attempts, error)
+            FROM unnest($1::bigint[], $2::uuid[], $3::float8[], $4::int[], $5::text[],
+                $6::text[]) AS f(id, token, delay, attempts, park, error)
             WHERE o.id = f.id AND o.lease_token = f.token
             RETURNING o.id"""
         # Outbox row -> dead letter, and the scope's matching dead-letter handlers enqueued,
@@ -557,42 +497,11 @@ class Sql:
             FROM {s}.breakers b LEFT JOIN {s}.triggers t ON t.id = b.trigger_id
             WHERE b.state <> 'closed' OR b.failures > 0
             ORDER BY b.updated_at DESC"""
-        # The single-mutation form of emit: no arrays to unnest, the key's prefixes passed
-        # in ($9), the same matching and the same all-or-nothing fan-out cap.
+        # The single-mutation form of emit (see ``emit`` above).
         self.emit_one = f"""
-            WITH m AS MATERIALIZED (
-                SELECT t.id AS trigger_id, t.name AS trigger_name, t.target, t.registered_by,
-                    {_T_POLICY}
-                FROM {s}.triggers t
-                WHERE t.scope = $2
-                    AND t.namespace = $3
-                    AND t.match_prefix = ANY ($9::text[])
-                    AND t.enabled
-                    AND NOT t.is_dead_letter_handler
-                    AND $5::text = ANY (t.ops)
-                    AND CASE t.pattern_kind
-                        WHEN 'exact' THEN t.match_prefix = $4
-                        WHEN 'prefix' THEN true
-                        ELSE $4 LIKE t.match_like ESCAPE '\\'
-                    END
-                LIMIT $8 + 1
-            ),
-            ins AS (
-                INSERT INTO {s}.outbox (event_id, payload, depth, {_SNAPSHOT})
-                SELECT $1, $6::jsonb, $7, trigger_id, $2, trigger_name, target, registered_by,
-                    {_POLICY}
-                FROM m WHERE (SELECT count(*) FROM m) <= $8
-                ORDER BY trigger_id
-                ON CONFLICT (event_id, trigger_id) DO NOTHING
-                RETURNING id, trigger_id
-            )
-            SELECT (SELECT count(*) FROM m) AS matched,
-                ARRAY(SELECT id FROM ins ORDER BY id) AS ids,
-                ARRAY(SELECT trigger_id FROM ins ORDER BY id) AS trigger_ids,
-                (SELECT count(*) FROM (
-                    SELECT pg_notify('{self.channel}', '') FROM ins WHERE $10 LIMIT 1) AS w)
-                    AS notified
-            """
+            SELECT matched, outbox_ids, trigger_ids
+            FROM {s}.emit($1::uuid, $2::text, $3::text, $4::text, $5::text, $6::jsonb,
+                $7::int, $8::uuid, $9::int, $10::bool)"""
 
         # --- per-root budgets (handler writes only) ---
         self.root_budget_add = f"""
