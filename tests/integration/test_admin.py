@@ -26,6 +26,7 @@ from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
+from dispatcher._alembic import _config
 from dispatcher.admin import (
     Admin,
     DeadLetterFilter,
@@ -37,7 +38,7 @@ from dispatcher.core.errors import DispatcherError, InvalidInput, TriggerNotFoun
 from dispatcher.core.models import BackoffKind, RetryPolicy
 from dispatcher.core.outcomes import DeadLetterReason, Resolution
 from dispatcher.flow import FlowControl
-from dispatcher.migrate import _config, migrate
+from dispatcher.migrate import migrate
 from dispatcher.runtime.dispatcher import Dispatcher, DispatcherConfig
 from dispatcher.runtime.handlers import HandlerContext, HandlerRegistry
 from dispatcher.triggers import TriggerRegistry
