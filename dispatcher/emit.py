@@ -38,7 +38,8 @@ DEFAULT_NOTIFY_INTERVAL = 0.002
 MAX_FANOUT = 10_000
 # The functions refuse a value whose JSON text, as Postgres writes it, is over 16 MiB. That
 # text adds a space after every ',' and ':' (at most 1.5 times the compact text measured
-# here), so a payload within this bound always passes.
+# here), so a payload within this bound passes, unless it holds many numbers written with a
+# large exponent (Postgres prints 1e300 in full).
 MAX_PAYLOAD_BYTES = 8 * 1024 * 1024
 # How deep a value may nest lists and dicts (a scalar is 0 levels, ``[]`` is 1). Deep enough
 # for any document (the chaos suite runs values 200 deep), and shallow enough that code

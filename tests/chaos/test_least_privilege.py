@@ -32,6 +32,7 @@ from dispatcher import (
     emit,
     emit_many,
 )
+from dispatcher.core.models import JsonValue
 from tests.chaos.handlers import build_registry
 from tests.chaos.harness import ROOT, Harness, expected_pairs, record, wait_until
 from tests.chaos.ledger import Ledger
@@ -230,6 +231,10 @@ RAW_EMIT_MANY = """
         $2, ARRAY['put', 'delete'], ARRAY['{"n": 1}', NULL]::jsonb[], ARRAY[0, 0])"""
 
 
+def _order(key: str, value: JsonValue, event_id: uuid.UUID) -> Mutation:
+    return Mutation("acme", "orders", key, Op.PUT, value, event_id=event_id)
+
+
 @pytest.mark.parametrize("role", ["dispatcher_app", "dispatcher_producer"])
 async def test_producers_emit_only_through_the_emit_functions(
     chaos: Harness, conn: asyncpg.Connection, dsn: str, role: str
@@ -240,26 +245,11 @@ async def test_producers_emit_only_through_the_emit_functions(
     producer = await asyncpg.connect(as_role(dsn, role))
     try:
         # Rolled back, through the Python API and raw SQL alike: no row.
-        rolled_back = [uuid.uuid4() for _ in range(4)]
+        rolled_back = [uuid.uuid4() for _ in range(3)]
         tx = producer.transaction()
         await tx.start()
-        assert (
-            len(
-                await emit(
-                    producer, Mutation("acme", "orders", "o/1", Op.PUT, 1, event_id=rolled_back[0])
-                )
-            )
-            == 1
-        )
-        assert (
-            len(
-                await emit_many(
-                    producer,
-                    [Mutation("acme", "orders", "o/2", Op.PUT, 2, event_id=rolled_back[1])],
-                )
-            )
-            == 1
-        )
+        assert len(await emit(producer, _order("o/1", 1, rolled_back[0]))) == 1
+        assert len(await emit_many(producer, [_order("o/2", 2, rolled_back[1])])) == 1
         raw = await producer.fetchrow(RAW_EMIT, rolled_back[2], "o/3", '{"n": 3}')
         assert raw is not None
         assert raw["matched"] == 1
@@ -273,9 +263,7 @@ async def test_producers_emit_only_through_the_emit_functions(
         # Committed: one row each, whose target and principal are the trigger's.
         committed = [uuid.uuid4() for _ in range(5)]
         async with producer.transaction():
-            await emit(
-                producer, Mutation("acme", "orders", "o/4", Op.PUT, {"n": 4}, event_id=committed[0])
-            )
+            await emit(producer, _order("o/4", {"n": 4}, committed[0]))
             composite = await producer.fetchval(
                 "SELECT dispatcher.emit($1, 'acme', 'orders', 'o/5', 'put', '5')", committed[1]
             )
