@@ -28,6 +28,7 @@ from bench.fixtures import (
     seed_outbox,
 )
 from bench.latency import dispatcher_latency
+from dispatcher.runtime.connections import session_settings
 from dispatcher.sql import queries
 
 CLAIM_BATCH = dispatcher.DispatcherConfig().batch_size
@@ -352,9 +353,7 @@ async def _claims(ctx: Context, result: ScenarioResult, due: int, tag: str) -> N
     async with ctx.database("b8") as dsn:
         # The session settings the dispatcher's own claim connection uses (JIT off,
         # asynchronous commit): the claim is timed as the dispatcher runs it.
-        conn = await asyncpg.connect(
-            dsn, server_settings=dispatcher.Dispatcher._session_settings("bench-b8")
-        )
+        conn = await asyncpg.connect(dsn, server_settings=session_settings("bench-b8"))
         try:
             (trigger,) = await register_triggers(conn, 1)
             started = time.perf_counter()
