@@ -11,7 +11,6 @@ statement applies it yet.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ from dispatcher.core.outcomes import (
 )
 from dispatcher.core.redact import Redactor
 from dispatcher.core.routing import http_status
-from dispatcher.core.sanitize import describe_exception, sanitize_json, sanitize_text
+from dispatcher.core.sanitize import describe_exception, sanitize_text
 from dispatcher.db import Connection
 from dispatcher.runtime import settle_counts as counts
 from dispatcher.runtime.inbox import InboxResolver
@@ -59,6 +58,10 @@ from dispatcher.runtime.settle_writes import (
     Settings,
     Write,
     Written,
+    error_json,
+    failure_text,
+    redacted_payload,
+    result_json,
 )
 from dispatcher.runtime.stats import Stats
 from dispatcher.sql import Sql
@@ -117,19 +120,19 @@ def _step(s: Settlement, redactor: Redactor) -> _Step:
                 SKIP_DEPTH, (skip.limit,), partial(counts.depth_exceeded, row=row, skip=skip)
             )
         case Retry() as retry:
-            columns = (retry.delay, retry.attempts, None, _error_json(retry.error))
+            columns = (retry.delay, retry.attempts, None, error_json(retry.error))
             return _Step(RESCHEDULE, columns, counts.retried)
         case Reschedule() as again:
-            columns = (again.delay, row.attempts, None, _error_json(again.error))
+            columns = (again.delay, row.attempts, None, error_json(again.error))
             return _Step(RESCHEDULE, columns, counts.rescheduled)
         case Release():
             return _Step(RESCHEDULE, (0.0, row.attempts, None, None), counts.released)
         case Park() as park:
-            columns = (None, None, park.kind.value, _error_json(park.error))
+            columns = (None, None, park.kind.value, error_json(park.error))
             return _Step(RESCHEDULE, columns, partial(counts.parked, row=row, park=park))
         case DeadLetter() as dead:
-            payload = _redacted_payload(row, redactor)
-            columns = (dead.reason.value, dead.attempts, _error_json(dead.error), payload)
+            payload = redacted_payload(row, redactor)
+            columns = (dead.reason.value, dead.attempts, error_json(dead.error), payload)
             return _Step(DEAD_LETTER, columns, partial(counts.dead_lettered, row=row, dead=dead))
         case ResolveDeadLetter() as res:
             columns = (res.dead_letter_id, res.resolution.value, res.error)
@@ -138,21 +141,6 @@ def _step(s: Settlement, redactor: Redactor) -> _Step:
             return _REPLIED
         case _ as other:
             assert_never(other)
-
-
-def _error_json(error: ErrorRecord | None) -> str | None:
-    if error is None:
-        return None
-    return json.dumps(
-        {"attempt": error.attempt, "kind": error.kind.value, "message": error.message},
-        ensure_ascii=False,
-    )
-
-
-def _redacted_payload(row: ClaimedRow, redactor: Redactor) -> str | None:
-    if not redactor.enabled:
-        return None  # the statement keeps the stored payload
-    return json.dumps(redactor.redact_json(row.payload), ensure_ascii=False)
 
 
 @dataclass(slots=True)
@@ -392,21 +380,6 @@ class Applier:
             [s.row.target for s, _ in abandoned],
             [r.status for _, r in abandoned],
             ["success" if isinstance(r.result, Success) else "failure" for _, r in abandoned],
-            [_result_json(r, self._redactor) for _, r in abandoned],
-            [_failure_text(r, self._redactor) for _, r in abandoned],
+            [result_json(r, self._redactor) for _, r in abandoned],
+            [failure_text(r, self._redactor) for _, r in abandoned],
         )
-
-
-def _result_json(reply: Reply, redactor: Redactor) -> str | None:
-    if isinstance(reply.result, Success):
-        # Redact first: sanitize_json cuts long strings, and a secret cut in half is no
-        # longer found whole (the result is already clean JSON, so nothing else changes).
-        value = sanitize_json(redactor.redact_json(reply.result.result))
-        return json.dumps(value, ensure_ascii=False)
-    return None
-
-
-def _failure_text(reply: Reply, redactor: Redactor) -> str | None:
-    if isinstance(reply.result, Failure):
-        return redactor.redact_text(f"{reply.result.kind.value}: {reply.result.message}")
-    return None

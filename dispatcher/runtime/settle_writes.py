@@ -1,4 +1,5 @@
-"""The statements that apply a batch of outcomes, in the order they run.
+"""The statements that apply a batch of outcomes, in the order they run, and the encoders
+of their column values.
 
 Each takes the rows' ids and lease tokens (every write is fenced by both), one array per
 per-row column (built by the outcome's ``case`` in :mod:`dispatcher.runtime.settle`), then
@@ -7,10 +8,14 @@ its statement-wide settings, and reports which rows it changed.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
+from dispatcher.core.outcomes import ClaimedRow, ErrorRecord, Failure, Reply, Success
+from dispatcher.core.redact import Redactor
+from dispatcher.core.sanitize import sanitize_json
 from dispatcher.sql import Sql
 
 if TYPE_CHECKING:
@@ -73,6 +78,37 @@ def _completed(rows: Sequence[asyncpg.Record]) -> Written:
         unparked=int(row["unparked"]),
         breakers_closed=tuple(row["breakers_closed"]),
     )
+
+
+def error_json(error: ErrorRecord | None) -> str | None:
+    """An error history entry; the statement adds when it was written."""
+    if error is None:
+        return None
+    return json.dumps(
+        {"attempt": error.attempt, "kind": error.kind.value, "message": error.message},
+        ensure_ascii=False,
+    )
+
+
+def redacted_payload(row: ClaimedRow, redactor: Redactor) -> str | None:
+    if not redactor.enabled:
+        return None  # the statement keeps the stored payload
+    return json.dumps(redactor.redact_json(row.payload), ensure_ascii=False)
+
+
+def result_json(reply: Reply, redactor: Redactor) -> str | None:
+    if isinstance(reply.result, Success):
+        # Redact first: sanitize_json cuts long strings, and a secret cut in half is no
+        # longer found whole (the result is already clean JSON, so nothing else changes).
+        value = sanitize_json(redactor.redact_json(reply.result.result))
+        return json.dumps(value, ensure_ascii=False)
+    return None
+
+
+def failure_text(reply: Reply, redactor: Redactor) -> str | None:
+    if isinstance(reply.result, Failure):
+        return redactor.redact_text(f"{reply.result.kind.value}: {reply.result.message}")
+    return None
 
 
 # Async successes: also close the trigger's breaker and un-park a few of its parked rows.
