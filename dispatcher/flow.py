@@ -27,7 +27,6 @@ from dispatcher.core.validate import is_int
 from dispatcher.db import Connection
 from dispatcher.names import DEFAULT_SCHEMA
 from dispatcher.sql import queries
-from dispatcher.sql.admin import admin_queries
 from dispatcher.triggers import TriggerRegistry
 
 MAX_UNPARK_BATCH = 10_000
@@ -273,9 +272,7 @@ class FlowControl:
         """
         _check_limit(limit)
         if dry_run:
-            n = await conn.fetchval(
-                admin_queries(self.schema).count_unparkable, trigger_id, scope, limit
-            )
+            n = await conn.fetchval(queries(self.schema).count_unparkable, trigger_id, scope, limit)
             return int(n)
         row = await conn.fetchrow(queries(self.schema).unpark, trigger_id, scope, limit)
         assert row is not None
@@ -302,7 +299,7 @@ class FlowControl:
     async def reset_breaker(self, conn: Connection, trigger_id: int) -> bool:
         """Close a breaker by hand and make the rows it held due now (retries backing off
         keep their time); returns whether the trigger had a breaker."""
-        row = await conn.fetchrow(admin_queries(self.schema).reset_breaker, trigger_id)
+        row = await conn.fetchrow(queries(self.schema).reset_breaker, trigger_id)
         assert row is not None  # an aggregate query always returns one row
         return bool(row["reset"])
 

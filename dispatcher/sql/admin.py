@@ -1,5 +1,4 @@
-"""Every statement of the operator surface (dead letters, status, abandoned executions, and
-the flow-control reads :mod:`dispatcher.sql` does not already have).
+"""Every statement of the operator surface: dead letters, abandoned executions, status.
 
 Like :mod:`dispatcher.sql`, the schema name is validated and injected once, and every value
 an operator types travels as a parameter, never as SQL text.
@@ -15,7 +14,9 @@ from __future__ import annotations
 
 from functools import cache
 
-from dispatcher.names import DEFAULT_SCHEMA, check_schema_name
+from dispatcher.names import DEFAULT_SCHEMA
+from dispatcher.sql.common import Statements
+from dispatcher.sql.flow import breakers_select, pauses_select
 
 # Positional parameters of _FILTER, in order; admin.py builds its arguments from this list.
 FILTER_PARAMS = (
@@ -61,13 +62,12 @@ _FINAL_SQL = "('handled', 'replayed', 'discarded')"
 _LAST_ERROR = "coalesce(d.errors -> -1 ->> 'message', d.errors ->> -1)"
 
 
-class AdminSql:
+class AdminSql(Statements):
     """The operator statements for one schema. Build with :func:`admin_queries`."""
 
     def __init__(self, schema: str) -> None:
-        s = f'"{check_schema_name(schema)}"'
-        self.schema = schema
-        self.channel = f"{schema}_wake"
+        super().__init__(schema)
+        s = self.quoted
 
         # --- dead letters: read ---
         # $11: row limit.
@@ -196,59 +196,14 @@ class AdminSql:
             ORDER BY a.id DESC
             LIMIT $4"""
 
-        # --- flow control ---
-        # What `unpark` would take ($1 trigger id, $2 scope, $3 limit; the same selection as
-        # Sql.unpark), for a dry run. No FOR UPDATE: a dry run must not hold rows a
-        # dispatcher's sibling-success un-park would then skip.
-        self.count_unparkable = f"""
-            SELECT count(*) FROM (
-                SELECT 1 FROM {s}.outbox
-                WHERE parked_at IS NOT NULL
-                    AND ($1::bigint IS NULL OR trigger_id = $1)
-                    AND ($2::text IS NULL OR scope = $2)
-                ORDER BY id LIMIT $3) AS x"""
-
-        # Close a breaker by hand ($1: trigger id) and release the rows it held. Opening a
-        # breaker moved the trigger's waiting rows to due_at = open_until
-        # (Sql.hold_behind_breaker); left there they would wait out the cool-down anyway.
-        # Rows due later than that (retries backing off) keep their time; claimed and parked
-        # rows are not touched. All CTEs see one snapshot: `old` reads (and locks) the
-        # breaker as it was before the reset.
-        self.reset_breaker = f"""
-            WITH old AS (
-                SELECT trigger_id, open_until FROM {s}.breakers WHERE trigger_id = $1
-                FOR UPDATE
-            ),
-            reset AS (
-                UPDATE {s}.breakers b
-                SET state = 'closed', failures = 0, probe_id = NULL, open_until = NULL,
-                    updated_at = clock_timestamp()
-                FROM old
-                WHERE b.trigger_id = old.trigger_id
-                RETURNING b.trigger_id
-            ),
-            released AS (
-                UPDATE {s}.outbox o
-                SET due_at = clock_timestamp()
-                FROM old
-                WHERE o.trigger_id = old.trigger_id AND o.due_at = old.open_until
-                    AND o.lease_token IS NULL AND o.parked_at IS NULL
-                RETURNING o.id
-            )
-            SELECT (SELECT count(*) FROM reset) AS reset,
-                (SELECT count(*) FROM released) AS released,
-                (SELECT count(*) FROM (
-                    SELECT pg_notify('{self.channel}', '') FROM released LIMIT 1) AS w)
-                    AS notified"""
-
         # --- status ---
         # One statement, so every number, pause and breaker comes from the same snapshot and
         # the same instant of the database clock. A claimed row's due_at is its lease
         # expiry: a future due_at with a lease token is a live claim, a past one is
         # claimable again (counted due). A parked row sits at due_at = 'infinity' until
         # un-parked; it is counted as parked only, so the four states partition the outbox.
-        # Pauses and breakers select as Sql.list_pauses and Sql.list_breakers do (a test
-        # holds them equal); arrays of anonymous rows come back as tuples.
+        # Pauses and breakers are selected as FlowSql.list_pauses and list_breakers select
+        # them; arrays of anonymous rows come back as tuples.
         # $1: how many triggers to list by backlog.
         self.status = f"""
             WITH c AS MATERIALIZED (SELECT clock_timestamp() AS now),
@@ -279,16 +234,8 @@ class AdminSql:
                 ORDER BY total DESC, o.trigger_id
                 LIMIT $1
             ),
-            pz AS (
-                SELECT p.id, p.scope, p.trigger_id, t.name AS trigger_name, p.note, p.paused_at
-                FROM {s}.pauses p LEFT JOIN {s}.triggers t ON t.id = p.trigger_id
-            ),
-            bk AS (
-                SELECT b.trigger_id, t.scope, t.name AS trigger_name, b.state, b.failures,
-                    b.open_until, b.probe_id, b.opened_count, b.updated_at
-                FROM {s}.breakers b LEFT JOIN {s}.triggers t ON t.id = b.trigger_id
-                WHERE b.state <> 'closed' OR b.failures > 0
-            ),
+            pz AS ({pauses_select(s)}),
+            bk AS ({breakers_select(s)}),
             by_resolution AS (
                 SELECT resolution, count(*) AS n FROM {s}.dead_letters GROUP BY resolution
             ),

@@ -1,0 +1,116 @@
+"""The claim path: leasing due rows, synchronous invocations (written already leased), and
+the backlog reads of the runtime."""
+
+from __future__ import annotations
+
+from dispatcher.sql.common import CLAIMED, SNAPSHOT, T_POLICY, Statements
+
+
+class ClaimSql(Statements):
+    """What the poller and synchronous calls run to lease rows."""
+
+    def __init__(self, schema: str) -> None:
+        super().__init__(schema)
+        s = self.quoted
+        # Every eligibility predicate sits inside the locking CTE: a filter applied after
+        # FOR UPDATE SKIP LOCKED would lock rows it then throws away. MATERIALIZED keeps the
+        # planner from inlining the CTE into the UPDATE, which could re-evaluate LIMIT and
+        # lock more rows than asked for. A claimed row's due_at becomes its lease expiry, so
+        # the same index finds new rows and expired leases; the lease token tells them
+        # apart (a non-null token on a due row means the previous claim was orphaned).
+        self.claim = f"""
+            WITH tick AS (
+                -- A breaker whose cool-down is over lets one probe row through (half-open).
+                -- Driven from the tiny breakers table: the outbox is only looked at for the
+                -- open breakers whose time is up, one index probe each.
+                UPDATE {s}.breakers b
+                SET state = 'half_open', probe_id = c.probe, updated_at = clock_timestamp()
+                FROM (
+                    SELECT r.trigger_id,
+                        (SELECT p.id FROM {s}.outbox p
+                         WHERE p.trigger_id = r.trigger_id AND p.parked_at IS NULL
+                         ORDER BY p.due_at LIMIT 1) AS probe
+                    FROM {s}.breakers r
+                    WHERE r.state = 'open' AND r.open_until <= clock_timestamp()
+                ) AS c
+                WHERE b.trigger_id = c.trigger_id AND c.probe IS NOT NULL
+                RETURNING b.trigger_id
+            ),
+            -- Pauses and breakers, folded once per claim into a few small arrays: the
+            -- predicates below then stay plain per-row filters on the index scan, which
+            -- keeps "index range scan, stop after LIMIT rows" as the plan (NOT EXISTS would
+            -- be planned as anti-joins over every due row, then a sort).
+            held AS MATERIALIZED (
+                SELECT
+                    EXISTS (SELECT 1 FROM {s}.pauses
+                            WHERE scope IS NULL AND trigger_id IS NULL) AS everything,
+                    ARRAY(SELECT scope FROM {s}.pauses WHERE scope IS NOT NULL) AS scopes,
+                    ARRAY(SELECT trigger_id FROM {s}.pauses
+                          WHERE trigger_id IS NOT NULL
+                          UNION ALL
+                          SELECT trigger_id FROM {s}.breakers WHERE state <> 'closed')
+                        AS triggers,
+                    ARRAY(SELECT probe_id FROM {s}.breakers
+                          WHERE state = 'half_open' AND probe_id IS NOT NULL) AS probes
+            ),
+            due AS MATERIALIZED (
+                -- statement_timestamp() is the database clock and, unlike clock_timestamp(),
+                -- stable, so it can bound the index range scan.
+                SELECT id FROM {s}.outbox o
+                WHERE due_at <= statement_timestamp()
+                    AND (reply_owner IS NULL OR reply_owner = $3
+                         OR reply_deadline < statement_timestamp())
+                    AND NOT (SELECT everything FROM held)
+                    -- "|| ''" and "+ 0" hide the columns' statistics from the planner: with
+                    -- one dominant scope or trigger, "<> ALL (…)" would be estimated to
+                    -- match almost nothing, and it would seq-scan and sort every due row.
+                    AND (o.scope || '') <> ALL ((SELECT scopes FROM held)::text[])
+                    AND ((o.trigger_id + 0) <> ALL ((SELECT triggers FROM held)::bigint[])
+                         OR o.id = ANY ((SELECT probes FROM held)::bigint[]))
+                ORDER BY due_at
+                LIMIT $1
+                FOR UPDATE SKIP LOCKED
+            )
+            UPDATE {s}.outbox o
+            SET lease_token = $2,
+                orphans = o.orphans + (o.lease_token IS NOT NULL)::int,
+                due_at = clock_timestamp() + make_interval(secs => o.timeout + $4)
+            FROM due
+            WHERE o.id = due.id
+            RETURNING {CLAIMED}"""
+        # A synchronous call: one reply-to row for one trigger, written already leased by
+        # the calling process, which executes it at once. Should that process die, the lease
+        # expires and, once the caller's deadline has passed too, any dispatcher answers it
+        # as abandoned instead of running it (at most once).
+        self.insert_invocation = f"""
+            INSERT INTO {s}.outbox AS o (event_id, payload, depth, reply_to, reply_owner,
+                reply_deadline, lease_token, due_at, {SNAPSHOT})
+            SELECT $1, $2::jsonb, $3, $4, $5,
+                clock_timestamp() + make_interval(secs => $6), $8,
+                clock_timestamp() + make_interval(secs => t.timeout + $9),
+                t.id, t.scope, t.name, t.target, t.registered_by, {T_POLICY}
+            FROM {s}.triggers t WHERE t.id = $7
+            RETURNING {CLAIMED}"""
+        # Bounded so that sampling a huge backlog stays cheap; both parts use the due index.
+        self.backlog_sample = f"""
+            SELECT (SELECT count(*) FROM (
+                        SELECT 1 FROM {s}.outbox WHERE due_at <= clock_timestamp()
+                        LIMIT $1) AS d) AS due,
+                coalesce(extract(epoch FROM clock_timestamp() - (
+                    SELECT min(due_at) FROM {s}.outbox WHERE due_at <= clock_timestamp()
+                )), 0)::float8 AS oldest_due_seconds"""
+        # For run_until_idle: what is claimable now, and what will become claimable without
+        # an operator (parked and paused rows wait for one, so they do not count).
+        self.due_count = f"""
+            SELECT count(*) FILTER (WHERE due_at <= clock_timestamp() AND NOT EXISTS (
+                        SELECT 1 FROM {s}.breakers b
+                        WHERE b.trigger_id = o.trigger_id AND b.state <> 'closed'
+                            AND b.probe_id IS DISTINCT FROM o.id)) AS due,
+                count(*) AS total,
+                extract(epoch FROM min(due_at) - clock_timestamp())::float8 AS next_due_in
+            FROM {s}.outbox o
+            WHERE parked_at IS NULL
+                AND NOT EXISTS (
+                    SELECT 1 FROM {s}.pauses p
+                    WHERE (p.scope IS NULL OR p.scope = o.scope)
+                        AND (p.trigger_id IS NULL OR p.trigger_id = o.trigger_id))"""

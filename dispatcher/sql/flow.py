@@ -1,0 +1,117 @@
+"""Flow control: pauses, parked rows and circuit breakers, as operators and the runtime see them."""
+
+from __future__ import annotations
+
+from dispatcher.sql.common import Statements
+
+
+def pauses_select(s: str) -> str:
+    """Every pause, with its trigger's name (``s``: the quoted schema)."""
+    return f"""
+            SELECT p.id, p.scope, p.trigger_id, t.name AS trigger_name, p.note, p.paused_at
+            FROM {s}.pauses p LEFT JOIN {s}.triggers t ON t.id = p.trigger_id"""
+
+
+def breakers_select(s: str) -> str:
+    """Every breaker that is not plainly closed, with its trigger's scope and name."""
+    return f"""
+            SELECT b.trigger_id, t.scope, t.name AS trigger_name, b.state, b.failures,
+                b.open_until, b.probe_id, b.opened_count, b.updated_at
+            FROM {s}.breakers b LEFT JOIN {s}.triggers t ON t.id = b.trigger_id
+            WHERE b.state <> 'closed' OR b.failures > 0"""
+
+
+class FlowSql(Statements):
+    """The statements of :mod:`dispatcher.flow`."""
+
+    def __init__(self, schema: str) -> None:
+        super().__init__(schema)
+        s = self.quoted
+        self.pause = f"""
+            INSERT INTO {s}.pauses (scope, trigger_id, note) VALUES ($1, $2, $3)
+            ON CONFLICT ((coalesce(scope, '')), (coalesce(trigger_id, 0)))
+                DO UPDATE SET note = excluded.note
+            RETURNING id, scope, trigger_id, note, paused_at"""
+        self.resume = f"""
+            WITH d AS (
+                DELETE FROM {s}.pauses
+                WHERE coalesce(scope, '') = coalesce($1, '')
+                    AND coalesce(trigger_id, 0) = coalesce($2, 0)
+                RETURNING id
+            )
+            SELECT (SELECT count(*) FROM d) AS resumed,
+                (SELECT count(*) FROM (
+                    SELECT pg_notify('{self.channel}', '') FROM d LIMIT 1) AS w) AS notified"""
+        self.list_pauses = f"{pauses_select(s)} ORDER BY p.paused_at"
+        self.list_parked = f"""
+            SELECT id, event_id, trigger_id, scope, trigger_name, attempts, parked_at,
+                parked_reason, errors -> -1 AS last_error
+            FROM {s}.outbox
+            WHERE parked_at IS NOT NULL
+                AND ($1::bigint IS NULL OR trigger_id = $1)
+                AND ($2::text IS NULL OR scope = $2)
+            ORDER BY id LIMIT $3"""
+        self.count_parked = f"""
+            SELECT trigger_id, scope, trigger_name, parked_reason, count(*) AS rows
+            FROM {s}.outbox WHERE parked_at IS NOT NULL
+            GROUP BY 1, 2, 3, 4 ORDER BY rows DESC"""
+        self.unpark = f"""
+            WITH u AS (
+                UPDATE {s}.outbox o
+                SET due_at = clock_timestamp(), parked_at = NULL, parked_reason = NULL
+                WHERE o.id IN (
+                    SELECT id FROM {s}.outbox
+                    WHERE parked_at IS NOT NULL
+                        AND ($1::bigint IS NULL OR trigger_id = $1)
+                        AND ($2::text IS NULL OR scope = $2)
+                    ORDER BY id LIMIT $3
+                    FOR UPDATE SKIP LOCKED)
+                RETURNING o.id
+            )
+            SELECT (SELECT count(*) FROM u) AS unparked,
+                (SELECT count(*) FROM (
+                    SELECT pg_notify('{self.channel}', '') FROM u LIMIT 1) AS w) AS notified"""
+        self.list_breakers = f"{breakers_select(s)} ORDER BY b.updated_at DESC"
+        # What `unpark` would take ($1 trigger id, $2 scope, $3 limit; the same selection as
+        # ``unpark``), for a dry run. No FOR UPDATE: a dry run must not hold rows a
+        # dispatcher's sibling-success un-park would then skip.
+        self.count_unparkable = f"""
+            SELECT count(*) FROM (
+                SELECT 1 FROM {s}.outbox
+                WHERE parked_at IS NOT NULL
+                    AND ($1::bigint IS NULL OR trigger_id = $1)
+                    AND ($2::text IS NULL OR scope = $2)
+                ORDER BY id LIMIT $3) AS x"""
+
+        # Close a breaker by hand ($1: trigger id) and release the rows it held. Opening a
+        # breaker moved the trigger's waiting rows to due_at = open_until
+        # (SettleSql.hold_behind_breaker); left there they would wait out the cool-down anyway.
+        # Rows due later than that (retries backing off) keep their time; claimed and parked
+        # rows are not touched. All CTEs see one snapshot: `old` reads (and locks) the
+        # breaker as it was before the reset.
+        self.reset_breaker = f"""
+            WITH old AS (
+                SELECT trigger_id, open_until FROM {s}.breakers WHERE trigger_id = $1
+                FOR UPDATE
+            ),
+            reset AS (
+                UPDATE {s}.breakers b
+                SET state = 'closed', failures = 0, probe_id = NULL, open_until = NULL,
+                    updated_at = clock_timestamp()
+                FROM old
+                WHERE b.trigger_id = old.trigger_id
+                RETURNING b.trigger_id
+            ),
+            released AS (
+                UPDATE {s}.outbox o
+                SET due_at = clock_timestamp()
+                FROM old
+                WHERE o.trigger_id = old.trigger_id AND o.due_at = old.open_until
+                    AND o.lease_token IS NULL AND o.parked_at IS NULL
+                RETURNING o.id
+            )
+            SELECT (SELECT count(*) FROM reset) AS reset,
+                (SELECT count(*) FROM released) AS released,
+                (SELECT count(*) FROM (
+                    SELECT pg_notify('{self.channel}', '') FROM released LIMIT 1) AS w)
+                    AS notified"""
