@@ -162,7 +162,7 @@ async def notify(ctx: Context) -> None:
         await conn.fetchval(notify_insert, uuid.uuid4(), payload_text(i), trigger)
 
     async def emit_shipped(conn: asyncpg.Connection, i: int) -> None:
-        await dispatcher.emit(conn, mutation(i))
+        await dispatcher.emit(conn, mutation(i), autocommit=True)
 
     variants = (
         ("INSERT", raw_insert),
@@ -213,7 +213,7 @@ async def notify_waits(ctx: Context) -> None:
         await conn.fetchval(notify_insert, uuid.uuid4(), payload_text(i), trigger)
 
     async def emit_shipped(conn: asyncpg.Connection, i: int) -> None:
-        await dispatcher.emit(conn, mutation(i))
+        await dispatcher.emit(conn, mutation(i), autocommit=True)
 
     async with ctx.database("waits") as dsn:
         name = dsn.rsplit("/", 1)[1].split("?")[0]
@@ -420,7 +420,7 @@ async def bulk_split(ctx: Context, mutations: int) -> None:
                 t0 = time.perf_counter()
                 batch = [mutation(i) for i in range(mutations)]
                 t1 = time.perf_counter()
-                await dispatcher.emit_many(conn, batch)
+                await dispatcher.emit_many(conn, batch, autocommit=True)
                 t2 = time.perf_counter()
                 await conn.execute("TRUNCATE dispatcher.outbox")
                 args = _emit_args([mutation(i) for i in range(mutations)])
@@ -459,7 +459,7 @@ async def bulk_jit(ctx: Context, mutations: int, calls: int) -> None:
                     await conn.execute("TRUNCATE dispatcher.outbox")
                     batch = [mutation(i) for i in range(mutations)]
                     t0 = time.perf_counter()
-                    await dispatcher.emit_many(conn, batch)
+                    await dispatcher.emit_many(conn, batch, autocommit=True)
                     times[mode].append((time.perf_counter() - t0) * 1000)
             for mode, values in times.items():
                 print(f"jit={mode}: emit_many of {mutations} (ms): {[round(v) for v in values]}")

@@ -88,7 +88,7 @@ async def seed_outbox(
     VACUUM ANALYZE as autovacuum would have done on a live system."""
     for start in range(0, rows, chunk):
         batch = [mutation(i, prefix=prefix) for i in range(start, min(rows, start + chunk))]
-        await dispatcher.emit_many(conn, batch)
+        await dispatcher.emit_many(conn, batch, autocommit=True)
     await conn.execute("VACUUM ANALYZE dispatcher.outbox")
 
 

@@ -59,7 +59,7 @@ async def _emit_loop(conn: asyncpg.Connection, seconds: float, offset: int) -> i
     n = 0
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
-        rows = await dispatcher.emit(conn, mutation(offset + n))
+        rows = await dispatcher.emit(conn, mutation(offset + n), autocommit=True)
         assert len(rows) == 1
         n += 1
     return n
@@ -113,7 +113,7 @@ async def b3(ctx: Context) -> ScenarioResult:
                 started = time.perf_counter()
                 while written < sz.bulk_rows:
                     batch = [mutation(i + j, scope=scope) for j in range(mutations)]
-                    rows = await dispatcher.emit_many(conn, batch)
+                    rows = await dispatcher.emit_many(conn, batch, autocommit=True)
                     assert len(rows) == mutations * fanout
                     written += len(rows)
                     i += mutations

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
         DispatcherError,
         InvalidInput,
         LimitExceeded,
+        TransactionRequired,
         TriggerExists,
         TriggerNotFound,
     )
@@ -123,6 +124,7 @@ _LAZY: dict[str, str] = {
     "StatusSnapshot": "dispatcher.runtime.stats",
     "StoreUnavailable": "dispatcher.runtime.handlers",
     "Success": "dispatcher.core.outcomes",
+    "TransactionRequired": "dispatcher.core.errors",
     "Trigger": "dispatcher.core.models",
     "TriggerExists": "dispatcher.core.errors",
     "TriggerNotFound": "dispatcher.core.errors",
@@ -192,6 +194,7 @@ __all__ = [
     "StatusSnapshot",
     "StoreUnavailable",
     "Success",
+    "TransactionRequired",
     "Trigger",
     "TriggerExists",
     "TriggerNotFound",

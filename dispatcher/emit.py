@@ -4,11 +4,15 @@
 ...     await conn.execute("UPDATE accounts SET ...")
 ...     rows = await emit(conn, Mutation("acme", "users", "users/42", Op.PUT, {"plan": "pro"}))
 
-Rolling the transaction back leaves no outbox rows; committing makes them durable. The fan-out
-itself (matching, the fan-out cap, the policy snapshot, the payload, the wake-up hint) is
-defined once, by the ``emit`` and ``emit_many`` functions in the library's schema (migration
-0007), which any client may call; this module checks a mutation before sending it, in one
-round trip for any number of mutations.
+Rolling the transaction back leaves no outbox rows; committing makes them durable. A connection
+outside a transaction is refused with :class:`~dispatcher.TransactionRequired` (its rows would
+commit on their own and outlive a rollback of the host's work) unless the call passes
+``autocommit=True``.
+
+The fan-out itself (matching, the fan-out cap, the policy snapshot, the payload, the wake-up
+hint) is defined once, by the ``emit`` and ``emit_many`` functions in the library's schema
+(migration 0007), which any client may call; this module checks a mutation before sending it,
+in one round trip for any number of mutations.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Any, cast
 
-from dispatcher.core.errors import InvalidInput, LimitExceeded
+from dispatcher.core.errors import InvalidInput, LimitExceeded, TransactionRequired
 from dispatcher.core.models import Mutation
 from dispatcher.core.validate import is_int
 from dispatcher.db import Connection
@@ -255,8 +259,15 @@ class Emitter:
         _check_bound("max_payload_bytes", self.max_payload_bytes, MAX_PAYLOAD_BYTES)
         _check_bound("max_fanout", self.max_fanout, MAX_FANOUT)
 
-    async def emit(self, conn: Connection, mutation: Mutation) -> list[Enqueued]:
-        """Enqueue one row per matching enabled trigger of the mutation's scope."""
+    async def emit(
+        self, conn: Connection, mutation: Mutation, *, autocommit: bool = False
+    ) -> list[Enqueued]:
+        """Enqueue one row per matching enabled trigger of the mutation's scope.
+
+        ``conn`` must be inside a transaction (:class:`TransactionRequired` otherwise);
+        ``autocommit=True`` allows one outside, whose rows then commit on their own.
+        """
+        require_transaction(conn, "emit", autocommit=autocommit)
         if not isinstance(mutation, Mutation):
             raise InvalidInput("mutation", mutation, "must be a dispatcher.Mutation")
         _, value, _ = _encode(mutation, self.max_payload_bytes)
@@ -286,13 +297,18 @@ class Emitter:
             for i, t in zip(row["outbox_ids"], row["trigger_ids"], strict=True)
         ]
 
-    async def emit_many(self, conn: Connection, mutations: Sequence[Mutation]) -> list[Enqueued]:
+    async def emit_many(
+        self, conn: Connection, mutations: Sequence[Mutation], *, autocommit: bool = False
+    ) -> list[Enqueued]:
         """Enqueue for many mutations in one statement; all or nothing.
 
-        Every limit is checked before anything is written: a payload over
-        ``max_payload_bytes`` or a mutation matching more than ``max_fanout`` triggers raises
-        :class:`LimitExceeded` and inserts no row for any of the mutations.
+        ``conn`` must be inside a transaction unless ``autocommit=True``, as for :meth:`emit`
+        (checked for an empty list too, so a misplaced call fails on every path). Every limit
+        is checked before anything is written: a payload over ``max_payload_bytes`` or a
+        mutation matching more than ``max_fanout`` triggers raises :class:`LimitExceeded` and
+        inserts no row for any of the mutations.
         """
+        require_transaction(conn, "emit_many", autocommit=autocommit)
         if not mutations:
             return []
         for m in mutations:
@@ -327,6 +343,16 @@ class Emitter:
         ]
 
 
+def require_transaction(conn: Connection, operation: str, *, autocommit: bool) -> None:
+    """Raise :class:`TransactionRequired` for ``conn`` outside a transaction, unless
+    ``autocommit``."""
+    # A local check of the status the server reported with its last reply: no round trip.
+    # It catches SQLAlchemy's asyncpg driver too, which sends BEGIN only with the first
+    # statement of its transaction, so an emit made first would otherwise commit by itself.
+    if not autocommit and not conn.is_in_transaction():
+        raise TransactionRequired(operation, conn)
+
+
 def _check_bound(name: str, value: object, ceiling: int) -> None:
     if not is_int(value) or not 1 <= value <= ceiling:
         raise InvalidInput(name, value, f"must be an integer from 1 to {ceiling}")
@@ -335,11 +361,21 @@ def _check_bound(name: str, value: object, ceiling: int) -> None:
 _DEFAULT = Emitter()
 
 
-async def emit(conn: Connection, mutation: Mutation) -> list[Enqueued]:
-    """Enqueue one row per matching trigger, in the caller's transaction (default limits)."""
-    return await _DEFAULT.emit(conn, mutation)
+async def emit(conn: Connection, mutation: Mutation, *, autocommit: bool = False) -> list[Enqueued]:
+    """Enqueue one row per matching trigger, in the caller's transaction (default limits).
+
+    A connection outside a transaction raises :class:`~dispatcher.TransactionRequired`;
+    pass ``autocommit=True`` where one statement committing on its own is what you want.
+
+    >>> async with conn.transaction():
+    ...     await emit(conn, Mutation("acme", "users", "users/42", Op.PUT, {"plan": "pro"}))
+    """
+    return await _DEFAULT.emit(conn, mutation, autocommit=autocommit)
 
 
-async def emit_many(conn: Connection, mutations: Sequence[Mutation]) -> list[Enqueued]:
-    """Bulk :func:`emit`: one statement for all mutations (default limits)."""
-    return await _DEFAULT.emit_many(conn, mutations)
+async def emit_many(
+    conn: Connection, mutations: Sequence[Mutation], *, autocommit: bool = False
+) -> list[Enqueued]:
+    """Bulk :func:`emit`: one statement for all mutations (default limits); the same
+    transaction rule and ``autocommit`` opt-out."""
+    return await _DEFAULT.emit_many(conn, mutations, autocommit=autocommit)

@@ -1,7 +1,12 @@
 """A reference key/value store whose writes emit trigger events in the same transaction.
 
 >>> kv = KvStore()
->>> await kv.put(conn, "acme", "users", "users/42", {"plan": "pro"})
+>>> async with conn.transaction():
+...     await kv.put(conn, "acme", "users", "users/42", {"plan": "pro"})
+
+Like :func:`~dispatcher.emit`, a write refuses a connection outside a transaction
+(:class:`~dispatcher.TransactionRequired`) unless it passes ``autocommit=True``, which lets
+the write and its event commit together in a transaction of their own.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from dataclasses import dataclass, field
 
 from dispatcher.core.models import JsonValue, Mutation, Op
 from dispatcher.db import Connection
-from dispatcher.emit import Emitter, Enqueued, encode_event
+from dispatcher.emit import Emitter, Enqueued, encode_event, require_transaction
 from dispatcher.sql import Sql, queries
 
 
@@ -41,7 +46,12 @@ EmitGuard = Callable[[Connection, Mutation, Sequence[Enqueued]], Awaitable[bool]
 
 @dataclass(frozen=True, slots=True)
 class KvStore:
-    """Put, get and delete over the ``kv`` table; every write emits with its trigger depth."""
+    """Put, get and delete over the ``kv`` table; every write emits with its trigger depth.
+
+    A write runs in the caller's transaction (in a savepoint, so a failed write leaves the
+    transaction usable); ``autocommit=True`` allows a connection outside one, and the write
+    then commits with its event in a transaction of its own.
+    """
 
     emitter: Emitter = field(default_factory=Emitter)
 
@@ -57,7 +67,9 @@ class KvStore:
         event_id: uuid.UUID | None = None,
         root_id: uuid.UUID | None = None,
         guard: EmitGuard | None = None,
+        autocommit: bool = False,
     ) -> KvWrite:
+        require_transaction(conn, "KvStore.put", autocommit=autocommit)
         mutation = Mutation(
             scope,
             namespace,
@@ -88,8 +100,10 @@ class KvStore:
         event_id: uuid.UUID | None = None,
         root_id: uuid.UUID | None = None,
         guard: EmitGuard | None = None,
+        autocommit: bool = False,
     ) -> KvWrite:
         """Delete the key. The event is emitted only when a value was actually removed."""
+        require_transaction(conn, "KvStore.delete", autocommit=autocommit)
         mutation = Mutation(
             scope,
             namespace,

@@ -37,6 +37,26 @@ class TriggerExists(InvalidInput):
         self.scope = scope
 
 
+class TransactionRequired(InvalidInput):
+    """A write meant to join the caller's transaction was given a connection outside one.
+
+    Outside a transaction its statement commits on its own, so the outbox rows would survive
+    a rollback of the work they describe. ``operation`` names the call that refused.
+    """
+
+    def __init__(self, operation: str, conn: object) -> None:
+        super().__init__(
+            "conn",
+            conn,
+            f"{operation} needs a connection inside a transaction, or its writes commit on "
+            "their own and outlive a rollback of your work: call it inside "
+            "`async with conn.transaction():` (with SQLAlchemy's asyncpg driver, the "
+            "transaction begins only at its first statement: make this call after one), or pass "
+            "autocommit=True if committing on its own is intended",
+        )
+        self.operation = operation
+
+
 class TriggerNotFound(DispatcherError, LookupError):
     """No trigger with this id (or scope and name)."""
 

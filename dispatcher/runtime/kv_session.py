@@ -78,6 +78,7 @@ class PoolKv:
                     event_id=event,
                     root_id=root,
                     guard=self._guard,
+                    autocommit=True,  # the write and its event: one transaction of their own
                 )
 
     async def delete(
@@ -94,6 +95,7 @@ class PoolKv:
                     event_id=event,
                     root_id=root,
                     guard=self._guard,
+                    autocommit=True,
                 )
 
     async def get(self, scope: str, namespace: str, key: str) -> KvEntry | None:

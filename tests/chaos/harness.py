@@ -301,7 +301,7 @@ class Harness:
             while True:
                 try:
                     async with (await self.pool()).acquire() as conn:
-                        await emit_many(conn, chunk)
+                        await emit_many(conn, chunk, autocommit=True)
                     break
                 except DB_ERRORS:
                     if time.monotonic() > deadline:

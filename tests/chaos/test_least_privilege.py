@@ -150,7 +150,7 @@ async def test_the_runtime_role_works_and_cannot_change_the_schema(
         ]
         async with app.transaction():
             await emit_many(app, mutations)
-        kv = await KvStore().put(app, "acme", "orders", "o/kv", {"v": 1})
+        kv = await KvStore().put(app, "acme", "orders", "o/kv", {"v": 1}, autocommit=True)
         assert len(kv.enqueued) == 1
 
         # The worker runs as the runtime role: successes, dead letters (three failures open
@@ -293,7 +293,9 @@ async def test_producers_emit_only_through_the_emit_functions(
 
         if role == "dispatcher_app":
             # KvStore writes the kv table and emits through the same function.
-            write = await KvStore().put(producer, "acme", "orders", "o/kv", {"v": 1})
+            write = await KvStore().put(
+                producer, "acme", "orders", "o/kv", {"v": 1}, autocommit=True
+            )
             assert [e.trigger_id for e in write.enqueued] == [work.id]
             committed.append(write.event_id)
 

@@ -127,7 +127,7 @@ async def enqueue(
 ) -> list[int]:
     """Emit puts of ``keys``; the outbox ids written."""
     mutations = [Mutation(scope, "users", k, Op.PUT, {"k": k}) for k in keys]
-    return [e.outbox_id for e in await Emitter(schema).emit_many(conn, mutations)]
+    return [e.outbox_id for e in await Emitter(schema).emit_many(conn, mutations, autocommit=True)]
 
 
 async def set_state(

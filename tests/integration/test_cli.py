@@ -514,7 +514,7 @@ async def test_run_redact_key_adds_name_fragments(dsn: str, conn: asyncpg.Connec
     the values under the names added, and under the default ones still."""
     await add_trigger(conn, "vault", target="nowhere.to_be_found")  # dead-lettered at once
     payload = {"user": "ann", "customer_ssn": "1-2-3", "Internal-Ref": "r-9", "password": "pw"}
-    await emit(conn, Mutation("acme", "users", "users/1", Op.PUT, payload))
+    await emit(conn, Mutation("acme", "users", "users/1", Op.PUT, payload), autocommit=True)
     command = [
         *(sys.executable, "-m", "dispatcher.cli", "run", "--dsn", dsn, "--poll-interval", "0.05"),
         *("--handlers", "examples.compose_handlers:handlers"),

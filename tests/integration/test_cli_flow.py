@@ -44,7 +44,9 @@ async def pauses(conn: asyncpg.Connection) -> list[tuple[Any, ...]]:
 
 
 async def put(conn: asyncpg.Connection, *keys: str, scope: str = "acme") -> None:
-    await emit_many(conn, [Mutation(scope, "users", k, Op.PUT, {"k": k}) for k in keys])
+    await emit_many(
+        conn, [Mutation(scope, "users", k, Op.PUT, {"k": k}) for k in keys], autocommit=True
+    )
 
 
 # --- pause and resume ---

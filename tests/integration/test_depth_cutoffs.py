@@ -43,7 +43,9 @@ async def test_a_row_past_the_depth_limit_is_recorded(dsn: str, conn: asyncpg.Co
         registered_by="user:1",
     )
     root = uuid.uuid4()
-    await emit(conn, Mutation("acme", "users", "users/loop", Op.PUT, {}, event_id=root))
+    await emit(
+        conn, Mutation("acme", "users", "users/loop", Op.PUT, {}, event_id=root), autocommit=True
+    )
     config = DispatcherConfig(poll_interval=0.05, max_trigger_depth=2)
     stats = await Dispatcher(dsn, handlers, config=config).run_until_idle(time_limit=30)
     assert depths == [0, 1, 2]

@@ -52,7 +52,9 @@ async def trigger(conn: asyncpg.Connection, name: str, target: str, **kw: Any) -
 
 
 async def put(conn: asyncpg.Connection, *keys: str, scope: str = "acme") -> None:
-    await emit_many(conn, [Mutation(scope, "users", k, Op.PUT, {"k": k}) for k in keys])
+    await emit_many(
+        conn, [Mutation(scope, "users", k, Op.PUT, {"k": k}) for k in keys], autocommit=True
+    )
 
 
 async def table(conn: asyncpg.Connection, name: str) -> list[asyncpg.Record]:

@@ -91,7 +91,7 @@ async def test_acknowledged_replies_and_dead_letters_survive_an_immediate_stop(
             retry=RetryPolicy(max_attempts=1),
         )
         # The test's own commits are synchronous: everything up to here is on disk.
-        await emit(conn, Mutation("acme", "users", "users/1", Op.PUT, {"n": 1}))
+        await emit(conn, Mutation("acme", "users", "users/1", Op.PUT, {"n": 1}), autocommit=True)
     finally:
         await conn.close()
 

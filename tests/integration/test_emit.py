@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dispatcher.core.errors import InvalidInput, LimitExceeded
+import dispatcher
+from dispatcher.core.errors import InvalidInput, LimitExceeded, TransactionRequired
 from dispatcher.core.models import Mutation, Op, RetryPolicy
 from dispatcher.emit import (
     DEFAULT_MAX_PAYLOAD_BYTES,
@@ -88,7 +89,7 @@ async def test_rollback_leaves_no_rows_and_commit_one_per_trigger(
 
 async def test_snapshot_is_not_changed_by_editing_the_trigger(conn: asyncpg.Connection) -> None:
     tid = await add(conn, "a", "users/*", retry=RetryPolicy(max_attempts=3))
-    await emit(conn, put("users/1"))
+    await emit(conn, put("users/1"), autocommit=True)
     await conn.execute("UPDATE dispatcher.triggers SET max_attempts = 9 WHERE id = $1", tid)
     await REGISTRY.delete(conn, tid)
     rows = await outbox(conn)
@@ -102,16 +103,16 @@ async def test_disabled_triggers_other_ops_and_handlers_do_not_match(
     await add(conn, "deletes", "users/*", ops=["delete"])
     await add(conn, "handler", "users/*", is_dead_letter_handler=True)
     puts = await add(conn, "puts", "users/*", ops=["put"])
-    await emit(conn, put("users/1"))
+    await emit(conn, put("users/1"), autocommit=True)
     assert [r["trigger_id"] for r in await outbox(conn)] == [puts]
 
 
 async def test_scopes_never_cross(conn: asyncpg.Connection) -> None:
     a = await add(conn, "same", "users/*", scope="tenant-a")
     b = await add(conn, "same", "users/*", scope="tenant-b")
-    await emit(conn, put("users/1", scope="tenant-a"))
-    await emit(conn, put("users/1", scope="tenant-b"))
-    await emit(conn, put("users/1", scope="tenant-c"))
+    await emit(conn, put("users/1", scope="tenant-a"), autocommit=True)
+    await emit(conn, put("users/1", scope="tenant-b"), autocommit=True)
+    await emit(conn, put("users/1", scope="tenant-c"), autocommit=True)
     rows = await outbox(conn)
     assert sorted((r["scope"], r["trigger_id"]) for r in rows) == [
         ("tenant-a", a),
@@ -150,7 +151,9 @@ async def test_payload_limit_fires_before_any_write(conn: asyncpg.Connection) ->
     await add(conn, "a", "users/*")
     small = Emitter(max_payload_bytes=1024)
     with pytest.raises(LimitExceeded) as info:
-        await small.emit_many(conn, [put("users/1", "ok"), put("users/2", "x" * 2000)])
+        await small.emit_many(
+            conn, [put("users/1", "ok"), put("users/2", "x" * 2000)], autocommit=True
+        )
     assert info.value.setting == "max_payload_bytes"
     assert await outbox(conn) == []
 
@@ -160,11 +163,11 @@ async def test_fanout_limit_fires_before_any_write(conn: asyncpg.Connection) -> 
         await add(conn, f"t{i}", "users/*")
     capped = Emitter(max_fanout=3)
     with pytest.raises(LimitExceeded) as info:
-        await capped.emit_many(conn, [put("nomatch"), put("users/1")])
+        await capped.emit_many(conn, [put("nomatch"), put("users/1")], autocommit=True)
     assert info.value.setting == "max_fanout"
     assert "users/1" in str(info.value)
     assert await outbox(conn) == []
-    assert len(await Emitter(max_fanout=4).emit(conn, put("users/1"))) == 4
+    assert len(await Emitter(max_fanout=4).emit(conn, put("users/1"), autocommit=True)) == 4
 
 
 @pytest.mark.parametrize(
@@ -176,7 +179,7 @@ async def test_unstorable_values_are_rejected_with_a_clear_error(
 ) -> None:
     await add(conn, "a", "users/*")
     with pytest.raises(InvalidInput) as info:
-        await emit(conn, put("users/1", value))
+        await emit(conn, put("users/1", value), autocommit=True)
     assert info.value.field == "value"
     assert await outbox(conn) == []
 
@@ -211,8 +214,8 @@ async def test_emit_many_writes_the_same_rows_as_repeated_emit(dsn: str) -> None
 async def test_same_event_id_is_idempotent(conn: asyncpg.Connection) -> None:
     await add(conn, "a", "users/*")
     event = uuid.uuid4()
-    assert len(await emit(conn, put("users/1", event_id=event))) == 1
-    assert await emit(conn, put("users/1", event_id=event)) == []
+    assert len(await emit(conn, put("users/1", event_id=event), autocommit=True)) == 1
+    assert await emit(conn, put("users/1", event_id=event), autocommit=True) == []
     assert len(await outbox(conn)) == 1
 
 
@@ -246,19 +249,19 @@ async def test_emit_sends_a_wake_hint_on_commit(dsn: str, conn: asyncpg.Connecti
 async def test_kv_store_writes_and_emits_in_one_transaction(conn: asyncpg.Connection) -> None:
     await add(conn, "a", "users/*")
     kv = KvStore()
-    w = await kv.put(conn, "acme", "users", "users/1", {"n": 1})
+    w = await kv.put(conn, "acme", "users", "users/1", {"n": 1}, autocommit=True)
     assert w.version == 1
     assert len(w.enqueued) == 1
-    assert (await kv.put(conn, "acme", "users", "users/1", {"n": 2})).version == 2
+    assert (await kv.put(conn, "acme", "users", "users/1", {"n": 2}, autocommit=True)).version == 2
     entry = await kv.get(conn, "acme", "users", "users/1")
     assert entry is not None
     assert entry.value == {"n": 2}
     with pytest.raises(InvalidInput):
-        await kv.put(conn, "acme", "users", "users/2", float("nan"))
+        await kv.put(conn, "acme", "users", "users/2", float("nan"), autocommit=True)
     assert await kv.get(conn, "acme", "users", "users/2") is None
-    d = await kv.delete(conn, "acme", "users", "users/1")
+    d = await kv.delete(conn, "acme", "users", "users/1", autocommit=True)
     assert len(d.enqueued) == 1
-    assert (await kv.delete(conn, "acme", "users", "users/1")).enqueued == []
+    assert (await kv.delete(conn, "acme", "users", "users/1", autocommit=True)).enqueued == []
     ops = [json.loads(r["payload"])["op"] for r in await outbox(conn)]
     assert ops == ["put", "put", "delete"]
 
@@ -271,6 +274,77 @@ async def test_kv_store_writes_and_emits_in_one_transaction(conn: asyncpg.Connec
         await put_then_fail()
     assert await kv.get(conn, "acme", "users", "users/9") is None
     assert len(await outbox(conn)) == 3
+
+
+# --- a connection outside a transaction: refused, unless the call opts out ---
+
+
+async def _write(conn: asyncpg.Connection, form: str, key: str, **kw: Any) -> int:
+    """Write ``key`` through one of the emitting calls; how many outbox rows it enqueued."""
+    match form:
+        case "emit":
+            return len(await emit(conn, put(key), **kw))
+        case "emit_many":
+            return len(await emit_many(conn, [put(key)], **kw))
+        case "Emitter.emit":
+            return len(await Emitter(max_fanout=5).emit(conn, put(key), **kw))
+        case "KvStore.put":
+            return len((await KvStore().put(conn, "acme", "users", key, 2, **kw)).enqueued)
+        case "KvStore.delete":
+            return len((await KvStore().delete(conn, "acme", "users", key, **kw)).enqueued)
+    raise AssertionError(form)
+
+
+@pytest.mark.parametrize(
+    "form", ["emit", "emit_many", "Emitter.emit", "KvStore.put", "KvStore.delete"]
+)
+async def test_a_connection_outside_a_transaction_is_refused_unless_opted_out(
+    conn: asyncpg.Connection, form: str
+) -> None:
+    await add(conn, "a", "users/*")
+    kv = KvStore()
+    async with conn.transaction():
+        for key in ("users/bare", "users/tx", "users/auto"):
+            await kv.put(conn, "acme", "users", key, 1)
+        await conn.execute("DELETE FROM dispatcher.outbox")
+
+    # Outside a transaction the write would commit on its own and outlive the host's
+    # rollback: refused before anything is sent.
+    with pytest.raises(TransactionRequired) as refused:
+        await _write(conn, form, "users/bare")
+    assert isinstance(refused.value, InvalidInput)
+    assert refused.value.operation == form.removeprefix("Emitter.")
+    message = str(refused.value)
+    assert "needs a connection inside a transaction" in message
+    assert "async with conn.transaction():" in message
+    assert "autocommit=True" in message
+    assert not conn.is_in_transaction()
+    assert await outbox(conn) == []
+    bare = await kv.get(conn, "acme", "users", "users/bare")
+    assert bare is not None
+    assert (bare.value, bare.version) == (1, 1)
+
+    # Inside the caller's transaction: written, and committed with it.
+    async with conn.transaction():
+        assert await _write(conn, form, "users/tx") == 1
+    # Opted out: the write commits on its own.
+    assert await _write(conn, form, "users/auto", autocommit=True) == 1
+    assert not conn.is_in_transaction()
+    assert len(await outbox(conn)) == 2
+
+
+async def test_a_pooled_connection_outside_a_transaction_is_refused(
+    dsn: str, conn: asyncpg.Connection
+) -> None:
+    await add(conn, "a", "users/*")
+    async with asyncpg.create_pool(dsn, min_size=1, max_size=1) as pool, pool.acquire() as c:
+        with pytest.raises(dispatcher.TransactionRequired, match="emit_many needs"):
+            await emit_many(c, [])  # refused even with nothing to write: on every path
+        with pytest.raises(TransactionRequired, match="emit needs"):
+            await emit(c, put("users/1"))
+        async with c.transaction():
+            assert len(await emit(c, put("users/1"))) == 1
+    assert len(await outbox(conn)) == 1
 
 
 # --- the emit functions: one definition of fan-out, for Python and raw SQL callers ---
@@ -337,10 +411,10 @@ async def test_the_sql_functions_and_the_python_emit_write_the_same_rows(
     ] + [put("nomatch/1"), put("users/1", scope="nobody")]
 
     for m in muts:
-        await emit(conn, m)
+        await emit(conn, m, autocommit=True)
     python_one = await _rows(conn)
     await conn.execute("DELETE FROM dispatcher.outbox")
-    await emit_many(conn, muts)
+    await emit_many(conn, muts, autocommit=True)
     python_bulk = await _rows(conn)
     await conn.execute("DELETE FROM dispatcher.outbox")
     for m in muts:
@@ -370,13 +444,13 @@ async def test_the_sql_functions_and_the_python_emit_cap_fanout_alike(
     under = put("users/2")
 
     with pytest.raises(LimitExceeded) as single:
-        await Emitter(max_fanout=2).emit(conn, over)
+        await Emitter(max_fanout=2).emit(conn, over, autocommit=True)
     raw = await conn.fetchrow(RAW_EMIT, *_raw_args(over, max_fanout=2))
     assert raw is not None
     assert (raw["matched"], raw["outbox_ids"], raw["trigger_ids"]) == (single.value.actual, [], [])
 
     with pytest.raises(LimitExceeded) as bulk:
-        await Emitter(max_fanout=2).emit_many(conn, [under, over])
+        await Emitter(max_fanout=2).emit_many(conn, [under, over], autocommit=True)
     raw_many = await conn.fetchrow(RAW_EMIT_MANY, *_raw_many_args([under, over], max_fanout=2))
     assert raw_many is not None
     assert raw_many["over_ordinal"] == 1  # the first mutation past the cap: all or nothing
@@ -393,7 +467,7 @@ async def test_the_sql_functions_and_the_python_emit_cap_fanout_alike(
     again = await conn.fetchrow(RAW_EMIT_MANY, *_raw_many_args([over]))
     assert again is not None
     assert (again["matched"], again["outbox_ids"]) == (3, [])
-    assert await Emitter(max_fanout=3).emit(conn, over) == []
+    assert await Emitter(max_fanout=3).emit(conn, over, autocommit=True) == []
     assert len(await outbox(conn)) == 3
 
 
@@ -472,10 +546,10 @@ async def test_nesting_bound_is_the_same_in_python_and_sql(conn: asyncpg.Connect
     at_bound: Any = []
     for _ in range(MAX_NESTING - 1):
         at_bound = [at_bound]
-    assert len(await emit(conn, put("users/1", at_bound))) == 1
+    assert len(await emit(conn, put("users/1", at_bound), autocommit=True)) == 1
     assert (await conn.fetchrow(RAW_EMIT, *_raw_args(put("users/2", at_bound))))["matched"] == 1  # type: ignore[index]
     with pytest.raises(InvalidInput, match=f"nested more than {MAX_NESTING} levels deep"):
-        await emit(conn, put("users/3", [at_bound]))
+        await emit(conn, put("users/3", [at_bound]), autocommit=True)
     with pytest.raises(asyncpg.InvalidParameterValueError, match="nested more than"):
         await conn.fetchrow(RAW_EMIT, *_raw_args(put("users/4", [at_bound])))
 

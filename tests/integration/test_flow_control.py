@@ -44,7 +44,11 @@ async def trigger(conn: asyncpg.Connection, name: str, target: str, **kw: Any) -
 
 
 async def put(conn: asyncpg.Connection, prefix: str, n: int, scope: str = "acme") -> None:
-    await emit_many(conn, [Mutation(scope, "users", f"{prefix}/{i}", Op.PUT, i) for i in range(n)])
+    await emit_many(
+        conn,
+        [Mutation(scope, "users", f"{prefix}/{i}", Op.PUT, i) for i in range(n)],
+        autocommit=True,
+    )
 
 
 async def wait_until(d: Dispatcher, condition: Any, limit: float = 20) -> None:

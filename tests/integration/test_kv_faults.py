@@ -114,7 +114,7 @@ async def test_a_database_fault_under_ctx_kv_uses_no_attempt_and_feeds_no_breake
             raise RuntimeError("could not record the mail") from exc
 
     trigger_id = await _trigger(conn)
-    await emit_many(conn, [Mutation("acme", "users", "users/1", Op.PUT, {"n": 1})])
+    await emit_many(conn, [Mutation("acme", "users", "users/1", Op.PUT, {"n": 1})], autocommit=True)
     d = Dispatcher(dsn, handlers, config=CONFIG)
     with anyio.fail_after(60):
         async with anyio.create_task_group() as tg:
@@ -194,7 +194,7 @@ async def test_a_value_the_kv_table_refuses_stays_the_handlers_error(
             raise
 
     trigger_id = await _trigger(conn)
-    await emit_many(conn, [Mutation("acme", "users", "users/1", Op.PUT, {"n": 1})])
+    await emit_many(conn, [Mutation("acme", "users", "users/1", Op.PUT, {"n": 1})], autocommit=True)
     config = DispatcherConfig(poll_interval=0.05, breaker_threshold=0, application_name=APP)
     stats = await Dispatcher(dsn, handlers, config=config).run_until_idle(time_limit=30)
     assert not isinstance(raised[0], StoreUnavailable)

@@ -88,7 +88,7 @@ async def add_trigger(conn: asyncpg.Connection, name: str, target: str, pattern:
 
 
 async def put(conn: asyncpg.Connection, key: str) -> None:
-    await emit(conn, Mutation("acme", "users", key, Op.PUT, {"k": key}))
+    await emit(conn, Mutation("acme", "users", key, Op.PUT, {"k": key}), autocommit=True)
 
 
 def test_every_stats_counter_is_exported() -> None:

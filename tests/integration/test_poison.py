@@ -49,7 +49,9 @@ async def trigger(conn: asyncpg.Connection, name: str, target: str, **kw: Any) -
 
 
 async def put(conn: asyncpg.Connection, *keys: str) -> None:
-    await emit_many(conn, [Mutation("acme", "users", k, Op.PUT, {"k": k}) for k in keys])
+    await emit_many(
+        conn, [Mutation("acme", "users", k, Op.PUT, {"k": k}) for k in keys], autocommit=True
+    )
 
 
 def nested_json(levels: int) -> str:

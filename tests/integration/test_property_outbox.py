@@ -159,7 +159,9 @@ async def test_nothing_entering_the_outbox_stops_the_loop_or_goes_missing(
             retry=policy,
         )
         try:
-            written = await emit(conn, Mutation("acme", "users", key, Op.PUT, row.value))
+            written = await emit(
+                conn, Mutation("acme", "users", key, Op.PUT, row.value), autocommit=True
+            )
         except DispatcherError:
             continue  # refused at emit: nothing stored
         assert len(written) == 1

@@ -95,7 +95,7 @@ async def test_canaries_never_reach_operator_tables(dsn: str, conn: asyncpg.Conn
 
     await register(conn, "leaky", "leaky")
     echo = await register(conn, "echo", "slow_echo")
-    await emit(conn, Mutation("acme", "users", "leaky/1", Op.PUT, PAYLOAD))
+    await emit(conn, Mutation("acme", "users", "leaky/1", Op.PUT, PAYLOAD), autocommit=True)
     d = Dispatcher(dsn, handlers, config=CONFIG)
     async with anyio.create_task_group() as tg:
         await tg.start(d.run)
@@ -126,7 +126,11 @@ async def test_redaction_can_be_turned_off(dsn: str, conn: asyncpg.Connection) -
         raise RuntimeError("password=plain-text-kept")
 
     await register(conn, "leaky", "leaky")
-    await emit(conn, Mutation("acme", "users", "leaky/1", Op.PUT, {"password": "kept-too"}))
+    await emit(
+        conn,
+        Mutation("acme", "users", "leaky/1", Op.PUT, {"password": "kept-too"}),
+        autocommit=True,
+    )
     config = DispatcherConfig(poll_interval=0.05, breaker_threshold=0, redact_keys=())
     await Dispatcher(dsn, handlers, config=config).run_until_idle(include_scheduled=True)
     text = await dump(conn)
@@ -201,7 +205,9 @@ async def test_fragments_urls_and_cut_secrets_never_reach_operator_tables(
     fail = await register(conn, "fail", "slow_fail")
     echo = await register(conn, "echo", "slow_echo")
     for name in ("careless", "long", "held"):
-        await emit(conn, Mutation("acme", "users", f"{name}/1", Op.PUT, FRAGMENT_PAYLOAD))
+        await emit(
+            conn, Mutation("acme", "users", f"{name}/1", Op.PUT, FRAGMENT_PAYLOAD), autocommit=True
+        )
     d = Dispatcher(dsn, handlers, config=DispatcherConfig(poll_interval=0.05, breaker_threshold=0))
     assert d.config.redact_keys == DispatcherConfig().redact_keys  # the defaults
     async with anyio.create_task_group() as tg:
@@ -264,7 +270,7 @@ async def test_secrets_cut_before_the_dispatcher_sees_them_are_masked(
     assert CUT[:16] in cut
     assert CUT[-16:] in cut
     await register(conn, "cut", "anything")
-    await emit(conn, Mutation("acme", "users", "cut/1", Op.PUT, {"password": CUT}))
+    await emit(conn, Mutation("acme", "users", "cut/1", Op.PUT, {"password": CUT}), autocommit=True)
     config = DispatcherConfig(poll_interval=0.05, breaker_threshold=0)
     await Dispatcher(dsn, CuttingExecutor(), config=config).run_until_idle()
     [dead] = await conn.fetch("SELECT errors FROM dispatcher.dead_letters")

@@ -58,7 +58,7 @@ async def _setup(conn: asyncpg.Connection, target: str) -> None:
         retry=RetryPolicy(max_attempts=3),
         execution_timeout=LEASE_HOLD,
     )
-    await emit_many(conn, [Mutation("acme", "users", "users/1", Op.PUT, {"n": 1})])
+    await emit_many(conn, [Mutation("acme", "users", "users/1", Op.PUT, {"n": 1})], autocommit=True)
 
 
 async def _lease(conn: asyncpg.Connection) -> tuple[uuid.UUID | None, int, bool]:
