@@ -10,6 +10,9 @@
 - :func:`instant_retries` is a retry policy without delays, so a drain does not wait for
   backoff.
 
+A fresh, migrated database per test comes from the pytest plugin
+(:mod:`dispatcher.pytest_plugin`: fixtures ``dispatcher_dsn`` and ``dispatcher_conn``).
+
 >>> from dispatcher import Mutation, Op, TriggerRegistry, emit, migrate
 >>> from dispatcher.testing import RecordingHandlers, dead_letters, drain, instant_retries
 >>>
@@ -21,7 +24,8 @@
 ...         target="send_welcome", registered_by="user:1", retry=instant_retries(3))
 ...     handlers = RecordingHandlers()
 ...     handlers.fail("send_welcome", ConnectionError("smtp down"), times=1)
-...     await emit(conn, Mutation("acme", "users", "users/42", Op.PUT, {"email": "a@b.c"}))
+...     async with conn.transaction():
+...         await emit(conn, Mutation("acme", "users", "users/42", Op.PUT, {"email": "a@b.c"}))
 ...
 ...     stats = await drain(dsn, handlers, time_limit=10)
 ...
@@ -49,7 +53,7 @@ from dispatcher.db import Connection
 from dispatcher.names import DEFAULT_SCHEMA
 from dispatcher.runtime.dispatcher import Dispatcher, DispatcherConfig
 from dispatcher.runtime.handlers import Executor, HandlerContext, HandlerRegistry
-from dispatcher.runtime.principals import PrincipalResolver
+from dispatcher.runtime.principals import Principal, PrincipalResolver
 from dispatcher.runtime.stats import Recorder, Stats
 
 __all__ = [
@@ -169,7 +173,16 @@ def _id(summary: DeadLetterSummary) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Call:
-    """One execution :class:`RecordingHandlers` saw, and what it returned."""
+    """One execution :class:`RecordingHandlers` saw, and what it returned.
+
+    Its fields copy those of the :class:`~dispatcher.HandlerContext` the handler got (all but
+    ``kv``): ``principal`` is the same resolved :class:`~dispatcher.Principal`, attributes
+    included, and :attr:`principal_id` is its id.
+
+    >>> [call] = handlers.calls
+    >>> (call.principal_id, call.principal)
+    ('user:7', Principal(id='user:7', attributes={}))
+    """
 
     target: str
     event: Mapping[str, JsonValue]
@@ -179,8 +192,14 @@ class Call:
     trigger_name: str
     trigger_id: int
     depth: int
-    principal: str
+    principal: Principal
     result: ExecutionResult
+
+    @property
+    def principal_id(self) -> str:
+        """The id of the principal the handler ran as (by default the trigger's
+        ``registered_by``)."""
+        return self.principal.id
 
     @property
     def ok(self) -> bool:
@@ -271,7 +290,7 @@ class RecordingHandlers(HandlerRegistry):
                 trigger_name=ctx.trigger_name,
                 trigger_id=ctx.trigger_id,
                 depth=ctx.depth,
-                principal=ctx.principal.id,
+                principal=ctx.principal,
                 result=result,
             )
         )

@@ -9,10 +9,13 @@ import pytest
 from dispatcher import (
     Dispatcher,
     DispatcherConfig,
+    HandlerContext,
     InvalidInput,
     Mutation,
     Op,
     PermanentError,
+    Principal,
+    PrincipalDirectory,
     RateLimited,
     RetryPolicy,
     Success,
@@ -52,7 +55,7 @@ async def add_trigger(
 
 
 async def put(conn: asyncpg.Connection, key: str, scope: str = "acme") -> None:
-    await emit(conn, Mutation(scope, "users", key, Op.PUT, {"key": key}))
+    await emit(conn, Mutation(scope, "users", key, Op.PUT, {"key": key}), autocommit=True)
 
 
 async def outbox_rows(conn: asyncpg.Connection) -> int:
@@ -88,8 +91,9 @@ async def test_drain_runs_retries_to_the_end_and_dead_letters_are_collected(
         "ok",
         ids["ok"],
         0,
-        "user:7",
+        Principal("user:7"),
     )
+    assert ok.principal_id == "user:7"
     assert ok.idempotency_key.endswith(f":{ids['ok']}")
     first = handlers.calls_to("flaky")[0]
     assert first.error is not None
@@ -110,6 +114,31 @@ async def test_drain_runs_retries_to_the_end_and_dead_letters_are_collected(
     assert [d.id for d in await dead_letters(conn, "acme", trigger="broken")] == [dead.id]
     assert await dead_letters(conn, "other") == []
     assert await dead_letters(conn, "acme", trigger="ok") == []
+
+
+async def test_a_call_holds_the_principal_object_the_handler_got(
+    dsn: str, conn: asyncpg.Connection
+) -> None:
+    handlers = RecordingHandlers()
+    got: list[Principal] = []
+
+    @handlers.handler("audited")
+    async def audited(ctx: HandlerContext) -> None:
+        got.append(ctx.principal)
+
+    directory = PrincipalDirectory()
+    directory.add(Principal("user:7", {"team": "billing", "roles": ["admin"]}))
+    await add_trigger(conn, "audited")
+    await put(conn, "users/1")
+
+    await drain(dsn, handlers, time_limit=30, principals=directory, poll_interval=0.05)
+
+    [call] = handlers.calls
+    [principal] = got
+    assert call.principal is principal
+    assert call.principal == Principal("user:7", {"team": "billing", "roles": ["admin"]})
+    assert call.principal.attributes["team"] == "billing"
+    assert call.principal_id == "user:7"
 
 
 async def test_dead_letters_come_oldest_first(dsn: str, conn: asyncpg.Connection) -> None:
@@ -228,7 +257,8 @@ async def test_module_docstring_example(dsn: str) -> None:
         )
         handlers = RecordingHandlers()
         handlers.fail("send_welcome", ConnectionError("smtp down"), times=1)
-        await emit(conn, Mutation("acme", "users", "users/42", Op.PUT, {"email": "a@b.c"}))
+        async with conn.transaction():
+            await emit(conn, Mutation("acme", "users", "users/42", Op.PUT, {"email": "a@b.c"}))
 
         stats = await drain(dsn, handlers, time_limit=10)
 
