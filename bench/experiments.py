@@ -511,7 +511,7 @@ async def claim_commit(ctx: Context, claims: int) -> None:
                     for _j in range(claims):
                         await conn.execute(refill, 1, trigger)
                         t0 = time.perf_counter()
-                        rows = await conn.fetch(claim, 1, uuid.uuid4(), "bench", 5.0)
+                        rows = await conn.fetch(claim, 1, uuid.uuid4(), "bench", 5.0, [])
                         results[mode].append((time.perf_counter() - t0) * 1000)
                         await conn.execute(
                             "DELETE FROM dispatcher.outbox WHERE id = $1", rows[0]["id"]
@@ -540,7 +540,7 @@ async def wal_per_row(ctx: Context, rows: int) -> None:
                     queries().emit,
                     _emit_args([mutation(i) for i in range(rows)]),
                 ),
-                ("claim (lease update)", queries().claim, (rows, uuid.uuid4(), "bench", 5.0)),
+                ("claim (lease update)", queries().claim, (rows, uuid.uuid4(), "bench", 5.0, [])),
                 (
                     "settle (delete by id)",
                     "DELETE FROM dispatcher.outbox"

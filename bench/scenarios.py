@@ -369,7 +369,12 @@ async def _claims(ctx: Context, result: ScenarioResult, due: int, tag: str) -> N
             await tr.start()
             try:
                 plan = await conn.fetch(
-                    f"EXPLAIN (ANALYZE, BUFFERS) {claim}", CLAIM_BATCH, uuid.uuid4(), "bench", 5.0
+                    f"EXPLAIN (ANALYZE, BUFFERS) {claim}",
+                    CLAIM_BATCH,
+                    uuid.uuid4(),
+                    "bench",
+                    5.0,
+                    [],
                 )
             finally:
                 await tr.rollback()
@@ -380,7 +385,7 @@ async def _claims(ctx: Context, result: ScenarioResult, due: int, tag: str) -> N
                 times = []
                 for _j in range(ctx.sizes.claims_per_run):
                     t0 = time.perf_counter()
-                    rows = await conn.fetch(claim, CLAIM_BATCH, uuid.uuid4(), "bench", 5.0)
+                    rows = await conn.fetch(claim, CLAIM_BATCH, uuid.uuid4(), "bench", 5.0, [])
                     times.append((time.perf_counter() - t0) * 1000)
                     assert len(rows) == CLAIM_BATCH
                     await conn.execute(

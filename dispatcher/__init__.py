@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 # Bound at import, because each shares its name with its module: a later
 # ``import dispatcher.emit`` elsewhere must not find the package attribute unset and put the
-# module there instead of the function.
-from dispatcher.emit import Emitter, Enqueued, emit, emit_many
+# module there instead of the function. (The ``_sync`` forms come along: the module is loaded.)
+from dispatcher.emit import Emitter, Enqueued, emit, emit_many, emit_many_sync, emit_sync
 from dispatcher.migrate import current_revision, migrate
 
 if TYPE_CHECKING:
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
         parse_duration,
     )
     from dispatcher.core.errors import (
+        BacklogFull,
         DispatcherError,
         InvalidInput,
         LimitExceeded,
@@ -80,6 +81,7 @@ if TYPE_CHECKING:
 # and the runtime, the admin API and their dependencies load only when touched.
 _LAZY: dict[str, str] = {
     "Admin": "dispatcher.admin",
+    "BacklogFull": "dispatcher.core.errors",
     "BackoffKind": "dispatcher.core.models",
     "DEFAULT_SCHEMA": "dispatcher.schema",
     "DeadLetterFilter": "dispatcher.admin",
@@ -150,6 +152,7 @@ __all__ = [
     "DEFAULT_SCHEMA",
     "HTTP_STATUS",
     "Admin",
+    "BacklogFull",
     "BackoffKind",
     "DeadLetterFilter",
     "DeadLetterNotFound",
@@ -202,6 +205,8 @@ __all__ = [
     "current_revision",
     "emit",
     "emit_many",
+    "emit_many_sync",
+    "emit_sync",
     "migrate",
     "parse_duration",
 ]

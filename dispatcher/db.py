@@ -8,6 +8,7 @@ if TYPE_CHECKING:  # a type only: importing the library must not load the driver
     import asyncpg
     from asyncpg.pool import PoolConnectionProxy
 
-# A plain asyncpg connection or one acquired from an asyncpg pool. Hosts on SQLAlchemy's
-# AsyncConnection pass ``(await conn.get_raw_connection()).driver_connection``.
+# A plain asyncpg connection or one acquired from an asyncpg pool: what the library's own
+# statements run on (triggers, KvStore, admin, the runtime). ``emit`` takes more kinds of
+# host connection (psycopg, SQLAlchemy, Django): dispatcher.hosts.AsyncHost and SyncHost.
 Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"

@@ -9,10 +9,19 @@ outside a transaction is refused with :class:`~dispatcher.TransactionRequired` (
 commit on their own and outlive a rollback of the host's work) unless the call passes
 ``autocommit=True``.
 
-The fan-out itself (matching, the fan-out cap, the policy snapshot, the payload, the wake-up
-hint) is defined once, by the ``emit`` and ``emit_many`` functions in the library's schema
-(migration 0007), which any client may call; this module checks a mutation before sending it,
-in one round trip for any number of mutations.
+The host's connection may be asyncpg's, psycopg 3's or SQLAlchemy's (connections and sessions,
+any driver), or Django's: async hosts ``await emit`` / ``emit_many``, sync hosts call
+``emit_sync`` / ``emit_many_sync`` (no event loop), Django hosts use
+:mod:`dispatcher.contrib.django`. docs/embedding.md shows each.
+
+The fan-out itself (matching, the fan-out cap, the backlog caps, the policy snapshot, the
+payload, the wake-up hint) is defined once, by the ``emit`` and ``emit_many`` functions in the
+library's schema (migrations 0007 and 0010), which any client may call. A scope whose backlog
+is at its cap refuses the emit with :class:`~dispatcher.BacklogFull`, enqueueing nothing and
+leaving the caller's transaction aborted, to be rolled back. This module checks and encodes a
+mutation before sending it, in one round trip for any number of mutations, and every host
+sends the same statement with the same arguments (:mod:`dispatcher.hosts` only speaks each
+driver).
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from dispatcher.core.errors import InvalidInput, LimitExceeded, TransactionRequi
 from dispatcher.core.models import Mutation
 from dispatcher.core.validate import is_int
 from dispatcher.db import Connection
+from dispatcher.hosts import AsyncHost, Row, SyncHost, async_runner, refusals, sync_runner
 from dispatcher.names import DEFAULT_SCHEMA
 from dispatcher.sql import queries
 
@@ -247,7 +257,8 @@ def _too_deep(seen: set[int]) -> InvalidInput:
 
 @dataclass(frozen=True, slots=True)
 class Emitter:
-    """Emit with a given schema and limits. ``emit``/``emit_many`` use the defaults."""
+    """Emit with a given schema and limits. ``emit``/``emit_many`` (and their ``_sync``
+    forms) use the defaults."""
 
     schema: str = DEFAULT_SCHEMA
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
@@ -260,19 +271,84 @@ class Emitter:
         _check_bound("max_fanout", self.max_fanout, MAX_FANOUT)
 
     async def emit(
-        self, conn: Connection, mutation: Mutation, *, autocommit: bool = False
+        self, conn: AsyncHost, mutation: Mutation, *, autocommit: bool = False
     ) -> list[Enqueued]:
         """Enqueue one row per matching enabled trigger of the mutation's scope.
 
-        ``conn`` must be inside a transaction (:class:`TransactionRequired` otherwise);
-        ``autocommit=True`` allows one outside, whose rows then commit on their own.
+        ``conn`` (an async host: see :func:`dispatcher.emit`) must be inside a transaction
+        (:class:`TransactionRequired` otherwise). ``autocommit=True`` skips that check: the
+        statement then runs as the connection runs any other, committing on its own on a
+        connection in autocommit mode.
+
+        A scope with a backlog cap (:meth:`dispatcher.FlowControl.set_backlog_cap`) that the
+        rows would take past it raises :class:`~dispatcher.BacklogFull` and enqueues nothing;
+        the transaction is then aborted: roll it back.
         """
-        require_transaction(conn, "emit", autocommit=autocommit)
+        runner = async_runner(conn)
+        if not autocommit:
+            await runner.require_transaction("emit")
+        statement, args = self._single(mutation)
+        with refusals:
+            row = await runner.fetch(statement, args)
+        return self._enqueued_single(mutation, row)
+
+    async def emit_many(
+        self, conn: AsyncHost, mutations: Sequence[Mutation], *, autocommit: bool = False
+    ) -> list[Enqueued]:
+        """Enqueue for many mutations in one statement; all or nothing.
+
+        ``conn`` must be inside a transaction unless ``autocommit=True``, as for :meth:`emit`
+        (checked for an empty list too, so a misplaced call fails on every path). Every limit
+        is checked before anything is written: a payload over ``max_payload_bytes`` or a
+        mutation matching more than ``max_fanout`` triggers raises :class:`LimitExceeded` and
+        inserts no row for any of the mutations, and so does a scope the rows would take past
+        its backlog cap (:class:`~dispatcher.BacklogFull`, the transaction aborted).
+        """
+        runner = async_runner(conn)
+        if not autocommit:
+            await runner.require_transaction("emit_many")
+        call = self._many(mutations)
+        if call is None:
+            return []
+        with refusals:
+            row = await runner.fetch(*call)
+        return self._enqueued_many(mutations, row)
+
+    def emit_sync(
+        self, conn: SyncHost, mutation: Mutation, *, autocommit: bool = False
+    ) -> list[Enqueued]:
+        """:meth:`emit` for a sync host (see :func:`dispatcher.emit_sync`), without an event
+        loop."""
+        runner = sync_runner(conn)
+        if not autocommit:
+            runner.require_transaction("emit")
+        statement, args = self._single(mutation)
+        with refusals:
+            row = runner.fetch(statement, args)
+        return self._enqueued_single(mutation, row)
+
+    def emit_many_sync(
+        self, conn: SyncHost, mutations: Sequence[Mutation], *, autocommit: bool = False
+    ) -> list[Enqueued]:
+        """:meth:`emit_many` for a sync host, without an event loop."""
+        runner = sync_runner(conn)
+        if not autocommit:
+            runner.require_transaction("emit_many")
+        call = self._many(mutations)
+        if call is None:
+            return []
+        with refusals:
+            row = runner.fetch(*call)
+        return self._enqueued_many(mutations, row)
+
+    # What every host runs: the statement and its arguments, and how its row is read. The
+    # hosts differ only in how they send them (dispatcher/hosts.py).
+
+    def _single(self, mutation: Mutation) -> tuple[str, tuple[object, ...]]:
         if not isinstance(mutation, Mutation):
             raise InvalidInput("mutation", mutation, "must be a dispatcher.Mutation")
         _, value, _ = _encode(mutation, self.max_payload_bytes)
-        row = await conn.fetchrow(
-            queries(self.schema).emit_one,
+        return queries(self.schema).emit_one, (
             mutation.event_id,
             mutation.scope,
             mutation.namespace,
@@ -284,7 +360,8 @@ class Emitter:
             self.max_fanout,
             _should_notify(self.schema, self.notify_interval),
         )
-        assert row is not None  # the function returns one row
+
+    def _enqueued_single(self, mutation: Mutation, row: Row) -> list[Enqueued]:
         if row["matched"] > self.max_fanout:
             raise LimitExceeded(
                 f"triggers matching {mutation.scope}/{mutation.namespace}/{mutation.key}",
@@ -297,26 +374,15 @@ class Emitter:
             for i, t in zip(row["outbox_ids"], row["trigger_ids"], strict=True)
         ]
 
-    async def emit_many(
-        self, conn: Connection, mutations: Sequence[Mutation], *, autocommit: bool = False
-    ) -> list[Enqueued]:
-        """Enqueue for many mutations in one statement; all or nothing.
-
-        ``conn`` must be inside a transaction unless ``autocommit=True``, as for :meth:`emit`
-        (checked for an empty list too, so a misplaced call fails on every path). Every limit
-        is checked before anything is written: a payload over ``max_payload_bytes`` or a
-        mutation matching more than ``max_fanout`` triggers raises :class:`LimitExceeded` and
-        inserts no row for any of the mutations.
-        """
-        require_transaction(conn, "emit_many", autocommit=autocommit)
+    def _many(self, mutations: Sequence[Mutation]) -> tuple[str, tuple[object, ...]] | None:
+        """The bulk statement and its arguments (arrays), or None for no mutations."""
         if not mutations:
-            return []
+            return None
         for m in mutations:
             if not isinstance(m, Mutation):
                 raise InvalidInput("mutation", m, "must be a dispatcher.Mutation")
         values = [_encode(m, self.max_payload_bytes)[1] for m in mutations]
-        row = await conn.fetchrow(
-            queries(self.schema).emit,
+        return queries(self.schema).emit, (
             [m.event_id for m in mutations],
             [m.scope for m in mutations],
             [m.namespace for m in mutations],
@@ -328,7 +394,8 @@ class Emitter:
             self.max_fanout,
             _should_notify(self.schema, self.notify_interval),
         )
-        assert row is not None  # the function returns one row
+
+    def _enqueued_many(self, mutations: Sequence[Mutation], row: Row) -> list[Enqueued]:
         if row["over_ordinal"] is not None:
             culprit = mutations[row["over_ordinal"] - 1]
             raise LimitExceeded(
@@ -361,21 +428,53 @@ def _check_bound(name: str, value: object, ceiling: int) -> None:
 _DEFAULT = Emitter()
 
 
-async def emit(conn: Connection, mutation: Mutation, *, autocommit: bool = False) -> list[Enqueued]:
+async def emit(conn: AsyncHost, mutation: Mutation, *, autocommit: bool = False) -> list[Enqueued]:
     """Enqueue one row per matching trigger, in the caller's transaction (default limits).
 
-    A connection outside a transaction raises :class:`~dispatcher.TransactionRequired`;
-    pass ``autocommit=True`` where one statement committing on its own is what you want.
+    ``conn`` is the async connection or session your work runs on: an asyncpg connection,
+    a psycopg 3 ``AsyncConnection``, or a SQLAlchemy ``AsyncConnection`` or ``AsyncSession``
+    (any driver). Sync hosts call :func:`emit_sync`; Django hosts
+    :mod:`dispatcher.contrib.django`. A connection outside a transaction raises
+    :class:`~dispatcher.TransactionRequired`, saying how to open one; pass
+    ``autocommit=True`` where one statement committing on its own is what you want.
 
-    >>> async with conn.transaction():
-    ...     await emit(conn, Mutation("acme", "users", "users/42", Op.PUT, {"plan": "pro"}))
+    >>> async with session.begin():                 # or: async with conn.transaction():
+    ...     await emit(session, Mutation("acme", "users", "users/42", Op.PUT, {"plan": "pro"}))
     """
     return await _DEFAULT.emit(conn, mutation, autocommit=autocommit)
 
 
 async def emit_many(
-    conn: Connection, mutations: Sequence[Mutation], *, autocommit: bool = False
+    conn: AsyncHost, mutations: Sequence[Mutation], *, autocommit: bool = False
 ) -> list[Enqueued]:
-    """Bulk :func:`emit`: one statement for all mutations (default limits); the same
-    transaction rule and ``autocommit`` opt-out."""
+    """Bulk :func:`emit`: one statement for all mutations (default limits), all or nothing;
+    the same hosts, transaction rule and ``autocommit`` opt-out."""
     return await _DEFAULT.emit_many(conn, mutations, autocommit=autocommit)
+
+
+def emit_sync(conn: SyncHost, mutation: Mutation, *, autocommit: bool = False) -> list[Enqueued]:
+    """:func:`emit` for sync hosts: a plain call, no event loop.
+
+    ``conn`` is a psycopg 3 ``Connection``, a SQLAlchemy ``Connection`` or ``Session`` (a
+    ``scoped_session`` too; any driver: psycopg, psycopg2, ...), or a Django connection
+    (:mod:`dispatcher.contrib.django` takes an alias instead). The same SQL function, the
+    same encoded arguments and the same transaction rule as :func:`emit`.
+
+    Two names rather than one that guesses: ``emit`` is a coroutine function whatever it is
+    given, so a sync host calling it would get a coroutine back, not rows, and forgetting the
+    ``await`` would silently enqueue nothing. A name per calling convention keeps each
+    signature honest for type checkers, and passing the wrong kind of connection to either
+    says which one to call.
+
+    >>> with Session(engine) as session, session.begin():
+    ...     session.add(account)
+    ...     emit_sync(session, Mutation("acme", "users", "users/42", Op.PUT, {"plan": "pro"}))
+    """
+    return _DEFAULT.emit_sync(conn, mutation, autocommit=autocommit)
+
+
+def emit_many_sync(
+    conn: SyncHost, mutations: Sequence[Mutation], *, autocommit: bool = False
+) -> list[Enqueued]:
+    """Bulk :func:`emit_sync`: one statement for all mutations, all or nothing."""
+    return _DEFAULT.emit_many_sync(conn, mutations, autocommit=autocommit)

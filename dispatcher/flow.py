@@ -1,12 +1,17 @@
-"""Flow control an operator drives: pause and resume, parked rows, circuit breakers.
+"""Flow control an operator drives: pause and resume, parked rows, circuit breakers, backlog
+caps.
 
 Pauses and breakers live in Postgres, so every dispatcher process honours them. Nothing is
-dropped: paused, held and parked rows stay in the outbox with their attempt counts.
+dropped: paused, held and parked rows stay in the outbox with their attempt counts. A backlog
+cap refuses new rows for a scope (every producer's emit raises
+:class:`~dispatcher.BacklogFull`) while the scope's pending rows are at the cap; it never
+touches rows already queued.
 
 >>> flow = FlowControl()
 >>> await flow.pause(conn, scope="acme", note="upstream maintenance")
 >>> await flow.resume(conn, scope="acme")
 >>> await flow.unpark(conn, trigger_id=7, limit=500)
+>>> await flow.set_backlog_cap(conn, "acme", 50_000)
 
 An operator names a trigger by id or as ``SCOPE/NAME``: :func:`parse_trigger_ref` reads that,
 :meth:`FlowControl.trigger_id` resolves it.
@@ -23,13 +28,17 @@ from typing import TypeAlias
 
 from dispatcher.core.errors import DispatcherError, InvalidInput, TriggerNotFound
 from dispatcher.core.models import JsonValue, check_name
-from dispatcher.core.validate import is_int
+from dispatcher.core.validate import is_int, is_number
 from dispatcher.db import Connection
-from dispatcher.names import DEFAULT_SCHEMA
+from dispatcher.names import DEFAULT_SCHEMA, MAX_RECOUNT_INTERVAL
+from dispatcher.records import from_columns
 from dispatcher.sql import queries
 from dispatcher.triggers import TriggerRegistry
 
 MAX_UNPARK_BATCH = 10_000
+# The largest backlog cap (the column is a bigint).
+MAX_BACKLOG_CAP = 2**63 - 1
+DEFAULT_RECOUNT_INTERVAL = 1.0
 
 # A trigger as an operator names it: its id, or (scope, name).
 TriggerRef: TypeAlias = int | tuple[str, str]
@@ -112,6 +121,10 @@ class ParkedSummary:
 
 @dataclass(frozen=True, slots=True)
 class Breaker:
+    """A trigger's shared flow state: its circuit breaker (``state``, ``failures``,
+    ``open_until``, the half-open ``probe_id``) and, while a target's rate limit holds every
+    row of the trigger, ``held_until`` (None when not held)."""
+
     trigger_id: int
     scope: str | None
     trigger_name: str | None
@@ -121,6 +134,72 @@ class Breaker:
     probe_id: int | None
     opened_count: int
     updated_at: datetime
+    held_until: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BacklogCap:
+    """A scope's cap on its pending outbox rows.
+
+    ``pending`` is the scope's rows as counted at ``counted_at`` (None: not counted yet);
+    an emit counts again once that is older than ``recount_interval`` seconds, and so do
+    the dispatchers after they settle rows. An emit is refused while ``pending`` plus its
+    rows would pass ``max_pending``.
+    """
+
+    scope: str
+    max_pending: int
+    pending: int
+    counted_at: datetime | None
+    recount_interval: float
+    updated_at: datetime
+
+
+def check_backlog_cap(max_pending: object, recount_interval: object) -> tuple[int, float]:
+    """``max_pending`` and ``recount_interval`` as a cap takes them, or
+    :class:`~dispatcher.InvalidInput` naming the one out of bounds."""
+    if not is_int(max_pending) or not 1 <= max_pending <= MAX_BACKLOG_CAP:
+        raise InvalidInput(
+            "max_pending", max_pending, f"must be an integer from 1 to {MAX_BACKLOG_CAP}"
+        )
+    # The comparison is false for NaN, so NaN is refused too.
+    if not is_number(recount_interval) or not 0 < recount_interval <= MAX_RECOUNT_INTERVAL:
+        raise InvalidInput(
+            "recount_interval",
+            recount_interval,
+            f"must be a number of seconds above 0 and at most {MAX_RECOUNT_INTERVAL:.0f}",
+        )
+    return max_pending, float(recount_interval)
+
+
+def parse_max_pending(text: str) -> int:
+    """A backlog cap as an operator types it: a positive integer (``_`` separators allowed).
+
+    >>> parse_max_pending("50_000")
+    50000
+    """
+    stripped = text.strip()
+    # Length first: int() of thousands of digits raises.
+    if len(stripped) > 40 or not re.fullmatch(r"[0-9][0-9_]*", stripped):
+        raise InvalidInput(
+            "max_pending", text, f"expected an integer from 1 to {MAX_BACKLOG_CAP}, e.g. 50000"
+        )
+    return check_backlog_cap(int(stripped), DEFAULT_RECOUNT_INTERVAL)[0]
+
+
+def parse_recount_interval(text: str) -> float:
+    """A recount interval as an operator types it: seconds, a number above 0.
+
+    >>> parse_recount_interval("0.5")
+    0.5
+    """
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise InvalidInput(
+            "recount_interval", text, "expected a number of seconds, e.g. 1 or 0.5"
+        ) from None
+    return check_backlog_cap(1, seconds)[1]
 
 
 def _check_target(scope: str | None, trigger_id: int | None, *, everything: bool) -> None:
@@ -279,7 +358,8 @@ class FlowControl:
         return int(row["unparked"])
 
     async def breakers(self, conn: Connection) -> list[Breaker]:
-        """Breakers that are open, half-open, or counting failures."""
+        """Breakers that are open, half-open, counting failures, or holding their trigger
+        for a rate limit (``held_until``)."""
         rows = await conn.fetch(queries(self.schema).list_breakers)
         return [
             Breaker(
@@ -292,6 +372,7 @@ class FlowControl:
                 r["probe_id"],
                 r["opened_count"],
                 r["updated_at"],
+                r["held_until"],
             )
             for r in rows
         ]
@@ -315,6 +396,43 @@ class FlowControl:
         if not await self.reset_breaker(conn, tid):
             raise NoBreaker(f"{target} has no breaker (it never counted a failure)")
         return target
+
+    async def set_backlog_cap(
+        self,
+        conn: Connection,
+        scope: str,
+        max_pending: int,
+        *,
+        recount_interval: float = DEFAULT_RECOUNT_INTERVAL,
+    ) -> BacklogCap:
+        """Cap the pending outbox rows of ``scope`` at ``max_pending``, or change its cap;
+        its pending rows are counted now (a scan of the outbox). From then on an emit that
+        would take the scope past the cap raises :class:`~dispatcher.BacklogFull` in its
+        caller's transaction, and enqueues nothing; rows already queued are never dropped.
+
+        A soft cap: the count is taken again every ``recount_interval`` seconds (by an emit
+        that enqueued for the scope, or a dispatcher that settled rows), and rows enqueued
+        in between are not in it (docs/guarantees.md gives the bound).
+
+        >>> cap = await FlowControl().set_backlog_cap(conn, "acme", 50_000)
+        >>> cap.pending
+        1234
+        """
+        check_name("scope", scope)
+        cap, interval = check_backlog_cap(max_pending, recount_interval)
+        row = await conn.fetchrow(queries(self.schema).set_backlog_cap, scope, cap, interval)
+        assert row is not None
+        return from_columns(BacklogCap, row)
+
+    async def remove_backlog_cap(self, conn: Connection, scope: str) -> bool:
+        """Lift the backlog cap of ``scope``; returns whether it had one."""
+        check_name("scope", scope)
+        return await conn.fetchval(queries(self.schema).remove_backlog_cap, scope) is not None
+
+    async def backlog_caps(self, conn: Connection) -> list[BacklogCap]:
+        """Every backlog cap, by scope, with the pending rows as last counted."""
+        rows = await conn.fetch(queries(self.schema).list_backlog_caps)
+        return [from_columns(BacklogCap, r) for r in rows]
 
     async def _describe(
         self,

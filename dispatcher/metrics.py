@@ -105,7 +105,11 @@ _COUNTERS: tuple[_Counter, ...] = (
         "abandoned_executions",
         "Synchronous results written to abandoned_executions (caller gone).",
     ),
-    _Counter("released", "leases_released", "Leases given back unexecuted (shutdown)."),
+    _Counter(
+        "released",
+        "leases_released",
+        "Leases given back unexecuted (shutdown, a trigger held back by this process).",
+    ),
     _Counter(
         "executions_abandoned",
         "executions_abandoned",
@@ -130,6 +134,27 @@ _COUNTERS: tuple[_Counter, ...] = (
         "unstorable",
         "unstorable_outcomes",
         "Outcomes Postgres refused to store (their rows dead-lettered as unstorable).",
+    ),
+    _Counter(
+        "held",
+        "held_rows",
+        "Claimed rows given back unrun: their trigger was held by this process (breaker "
+        "tripped, rate limit, cautious window full).",
+    ),
+    _Counter(
+        "rate_limit_holds",
+        "rate_limit_holds",
+        "Triggers held by a target's rate limit (all their rows, in every process).",
+    ),
+    _Counter(
+        "retry_after_clamped",
+        "retry_after_clamped",
+        "Retry-After values longer than max_retry_after, cut to it.",
+    ),
+    _Counter(
+        "internal_errors",
+        "internal_errors",
+        "Errors of the dispatcher's own code caught in the poll loop or an execution.",
     ),
 )
 _RESOLUTIONS: tuple[tuple[str, str], ...] = (

@@ -15,6 +15,9 @@ _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 # The longest handler time limit a trigger may have (seconds).
 MAX_TIMEOUT = 3600.0
 
+# The longest interval between two counts of a capped scope's backlog (seconds; a day).
+MAX_RECOUNT_INTERVAL = 86_400.0
+
 
 def check_schema_name(schema: str) -> str:
     if not isinstance(schema, str) or not _SCHEMA_NAME.fullmatch(schema):

@@ -8,10 +8,12 @@ machine with only Python can run everything.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -40,11 +42,17 @@ class ServerControl(Protocol):
         ...
 
 
+class EmbeddedServerMissing(RuntimeError):
+    """The embedded server's wheel, ``pgserver`` (extra ``embedded``), is not installed."""
+
+
 @dataclass
 class ProvidedPostgres:
     dsn: str
     source: Source
     control: ServerControl | None = field(default=None)
+    # The embedded server's data directory (None for the other sources).
+    data_dir: Path | None = field(default=None)
 
 
 def with_database(dsn: str, database: str) -> str:
@@ -117,18 +125,47 @@ class _ContainerControl:
 
 
 @contextlib.contextmanager
-def embedded_postgres(data_dir: Path | None = None) -> Iterator[ProvidedPostgres]:
-    """Start a throw-away server from the ``pgserver`` wheel; stop it and delete its files."""
+def embedded_postgres(
+    data_dir: Path | None = None, *, keep: bool = False
+) -> Iterator[ProvidedPostgres]:
+    """Start a throw-away server from the ``pgserver`` wheel; stop it and delete its files.
+
+    With ``keep``, a body that returns normally leaves the server running and its files in
+    ``data_dir`` (:func:`stop_embedded_command` stops it); a body that raises still stops it.
+    Raises :class:`EmbeddedServerMissing` without the ``embedded`` extra.
+    """
     pgserver = _import_pgserver()
     owned = data_dir is None
     path = Path(tempfile.mkdtemp(prefix="dispatcher-pg-")) if data_dir is None else data_dir
     server = pgserver.get_server(path, cleanup_mode="stop")
+    kept = False
     try:
-        yield ProvidedPostgres(server.get_uri(), "embedded", _EmbeddedControl(server))
+        yield ProvidedPostgres(server.get_uri(), "embedded", _EmbeddedControl(server), path)
+        kept = keep
     finally:
-        server.cleanup()
-        if owned:
-            shutil.rmtree(path, ignore_errors=True)
+        if kept:
+            # Let go of this process's handle only: pgserver stops a server when its last
+            # handle goes, unless the handle's cleanup mode is None.
+            server.cleanup_mode = None
+            server.cleanup()
+        else:
+            server.cleanup()
+            if owned:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def stop_embedded_command(data_dir: Path) -> list[str]:
+    """The command (argv) that stops a server :func:`embedded_postgres` kept, and deletes its
+    files: pgserver's own API run by this interpreter, so it works from any shell.
+
+    >>> stop_embedded_command(Path("/tmp/dispatcher-pg-x"))[-1]
+    'import pgserver; pgserver.get_server("/tmp/dispatcher-pg-x", cleanup_mode="delete").cleanup()'
+    """
+    # A JSON string is a Python string literal; double quotes keep the shell quoting simple.
+    path = json.dumps(str(data_dir))
+    statement = f'import pgserver; pgserver.get_server({path}, cleanup_mode="delete").cleanup()'
+    # -W ignore: pgserver warns at import when XDG_RUNTIME_DIR is unset (see _import_pgserver).
+    return [sys.executable, "-W", "ignore", "-c", statement]
 
 
 def _import_pgserver() -> ModuleType:
@@ -139,7 +176,7 @@ def _import_pgserver() -> ModuleType:
         try:
             import pgserver
         except ImportError:
-            raise RuntimeError(
+            raise EmbeddedServerMissing(
                 "no Postgres available: set a DSN, run a Docker engine, or install the "
                 "embedded server with `pip install 'dispatcher[embedded]'`"
             ) from None

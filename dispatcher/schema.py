@@ -28,6 +28,7 @@ from sqlalchemy.sql.elements import TextClause
 from dispatcher.core.models import MAX_DELAY_SECONDS
 from dispatcher.names import (
     DEFAULT_SCHEMA,
+    MAX_RECOUNT_INTERVAL,
     MAX_TIMEOUT,
     VERSION_TABLE,
     check_schema_name,
@@ -200,6 +201,9 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         Column("errors", JSONB, nullable=False),
         Column("resolution", Text, nullable=False, server_default=text("'open'")),
         Column("resolution_note", Text, nullable=True),
+        # One entry per dead-letter handler that settled: {trigger_id, trigger, outcome,
+        # error, at}, in the order they settled (migration 0008).
+        Column("handler_outcomes", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
         Column("replayed_as", UUID(as_uuid=True), nullable=True),
         _ts("event_created_at"),
         _ts("dead_lettered_at", default=True),
@@ -254,7 +258,8 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
 
     # Circuit breakers, shared by every dispatcher process. No row (or "closed") lets a
     # trigger's rows be claimed; "open" holds them until open_until; "half_open" lets only
-    # the probe row through.
+    # the probe row through. held_until (revision 0009), whatever the state: a target's
+    # rate limit holds every row of the trigger until then.
     Table(
         "breakers",
         md,
@@ -266,6 +271,7 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         Column("probe_id", BigInteger, nullable=True),
         Column("opened_count", Integer, nullable=False, server_default=text("0")),
         _ts("updated_at", default=True),
+        _ts("held_until", nullable=True),
         PrimaryKeyConstraint("trigger_id", name="breakers_pkey"),
         CheckConstraint("state IN ('closed', 'open', 'half_open')", name="breakers_state_check"),
     )
@@ -303,6 +309,26 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         PrimaryKeyConstraint("id", name="depth_cutoffs_pkey"),
         Index("depth_cutoffs_cut_at_idx", "cut_at"),
         Index("depth_cutoffs_scope_idx", "scope", "trigger_id", "cut_at"),
+    )
+
+    # A scope's cap on its pending outbox rows (revision 0010), checked by the emit
+    # functions: ``pending`` is the scope's rows as counted at ``counted_at``, counted again
+    # by an emit once older than ``recount_interval`` seconds. No row: no cap.
+    Table(
+        "backlog_caps",
+        md,
+        Column("scope", Text, nullable=False),
+        Column("max_pending", BigInteger, nullable=False),
+        Column("pending", BigInteger, nullable=False, server_default=text("0")),
+        _ts("counted_at", nullable=True),
+        Column("recount_interval", Float, nullable=False, server_default=text("1.0")),
+        _ts("updated_at", default=True),
+        PrimaryKeyConstraint("scope", name="backlog_caps_pkey"),
+        CheckConstraint("max_pending > 0", name="backlog_caps_max_pending_check"),
+        CheckConstraint(
+            f"recount_interval > 0 AND recount_interval <= {MAX_RECOUNT_INTERVAL:.0f}",
+            name="backlog_caps_recount_interval_check",
+        ),
     )
 
     Table(

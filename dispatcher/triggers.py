@@ -10,20 +10,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-import asyncpg
-
 from dispatcher.core.errors import InvalidInput, LimitExceeded, TriggerExists, TriggerNotFound
-from dispatcher.core.models import (
-    BackoffKind,
-    Op,
-    RetryPolicy,
-    Trigger,
-    check_name,
-)
+from dispatcher.core.models import Op, RetryPolicy, Trigger, check_name
 from dispatcher.core.patterns import compile_pattern
 from dispatcher.core.validate import is_number
 from dispatcher.db import Connection
 from dispatcher.names import DEFAULT_SCHEMA, MAX_TIMEOUT
+from dispatcher.records import trigger_from_record
 from dispatcher.sql import queries
 
 DEFAULT_TIMEOUT = 30.0
@@ -50,38 +43,6 @@ def _check_timeout(timeout: object) -> float:
     if not 0 < value <= MAX_TIMEOUT:
         raise InvalidInput("execution_timeout", timeout, f"must be in (0, {MAX_TIMEOUT}] seconds")
     return value
-
-
-def trigger_from_record(row: asyncpg.Record) -> Trigger:
-    return Trigger(
-        id=row["id"],
-        scope=row["scope"],
-        name=row["name"],
-        namespace=row["namespace"],
-        key_pattern=row["key_pattern"],
-        ops=frozenset(Op(o) for o in row["ops"]),
-        target=row["target"],
-        retry=policy_from_record(row),
-        timeout=row["timeout"],
-        enabled=row["enabled"],
-        is_dead_letter_handler=row["is_dead_letter_handler"],
-        registered_by=row["registered_by"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-    )
-
-
-def policy_from_record(row: asyncpg.Record) -> RetryPolicy:
-    return RetryPolicy(
-        kind=BackoffKind(row["retry_kind"]),
-        base_delay=row["retry_base_delay"],
-        factor=row["retry_factor"],
-        max_delay=row["retry_max_delay"],
-        jitter=row["retry_jitter"],
-        max_attempts=row["max_attempts"],
-        max_event_age=row["max_event_age"],
-        park_on=frozenset(row["park_on"]),
-    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -87,9 +87,11 @@ BEGIN
     -- sequences without USAGE on them (tests/chaos/test_least_privilege.py inserts into
     -- every one of them as these roles).
 
-    -- emit and emit_many (migration 0007) match the triggers and write the outbox rows as
-    -- their owner: emitting needs EXECUTE on them and nothing on the tables. The runtime
-    -- emits too, for the KV writes handlers make.
+    -- emit and emit_many (migrations 0007 and 0010) match the triggers, check and count
+    -- the backlog caps and write the outbox rows as their owner: emitting needs EXECUTE on
+    -- them and nothing on the tables (backlog_caps included). The runtime emits too, for the
+    -- KV writes handlers make, and counts the capped backlogs and changes the caps
+    -- (`dispatcher backlog-caps`) through the table grants above.
     EXECUTE format('GRANT EXECUTE ON FUNCTION %I.emit, %I.emit_many TO dispatcher_runtime, '
                    'dispatcher_app, dispatcher_producer', schema_name, schema_name);
     -- KvStore: the kv table.

@@ -15,16 +15,18 @@ from dispatcher.admin import Admin, DeadLetterDetail, DeadLetterFilter, ReplayPo
 from dispatcher.cli.call import with_connection
 from dispatcher.cli.options import connection_options, dry_run_option, duration, json_option, moment
 from dispatcher.cli.render import clip, opt, print_json, retry_summary, show, table, when
+from dispatcher.cli.targets import trigger_option
 from dispatcher.core.errors import InvalidInput
 from dispatcher.core.outcomes import DeadLetterReason, Resolution
+from dispatcher.flow import TriggerRef
 
 if TYPE_CHECKING:
     from rich.table import Table
 
 _FILTER_OPTIONS = (
     click.option("--scope", help="Only this scope."),
-    click.option("--trigger", help="Only this trigger name."),
-    click.option("--trigger-id", type=int, help="Only this trigger id."),
+    trigger_option("Only this trigger (an unknown one is an error)."),
+    click.option("--trigger-id", type=int, help="Only this trigger id (as --trigger ID)."),
     click.option("--reason", type=click.Choice([r.value for r in DeadLetterReason])),
     click.option("--resolution", type=click.Choice([r.value for r in Resolution])),
     click.option(
@@ -52,7 +54,7 @@ def _filter_options(command: Callable[..., None]) -> Callable[..., None]:
     def with_filter(
         *,
         scope: str | None,
-        trigger: str | None,
+        trigger: TriggerRef | None,
         trigger_id: int | None,
         reason: str | None,
         resolution: str | None,
@@ -64,7 +66,6 @@ def _filter_options(command: Callable[..., None]) -> Callable[..., None]:
         try:
             letters = DeadLetterFilter(
                 scope=scope,
-                trigger=trigger,
                 trigger_id=trigger_id,
                 reason=None if reason is None else DeadLetterReason(reason),
                 resolution=None if resolution is None else Resolution(resolution),
@@ -72,6 +73,8 @@ def _filter_options(command: Callable[..., None]) -> Callable[..., None]:
                 older_than=older_than,
                 ids=tuple(ids) if ids else None,
             )
+            if trigger is not None:
+                letters = letters.for_trigger(trigger)
         except InvalidInput as exc:
             raise click.ClickException(str(exc)) from None
         command(letters=letters, **rest)
@@ -88,6 +91,16 @@ def _require_selection(letters: DeadLetterFilter, everything: bool, action: str)
             f"refusing to {action} every dead letter: name ids or give a filter "
             "(--scope, --trigger, --reason, ...), or pass --all"
         )
+
+
+def _dead_letter_id(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a dead-letter id (e.g. 12)") from None
+    if n < 1:
+        raise click.ClickException(f"no dead letter with id {value}: dead-letter ids are positive")
+    return n
 
 
 @click.group("dead-letters")
@@ -126,9 +139,10 @@ def dead_letters_list(
     show(rows, "", f"{len(found)} dead letter(s)")
 
 
-@dead_letters.command("show")
+# "-1" is taken for the id, not for an unknown option, so that it gets the message below.
+@dead_letters.command("show", context_settings={"ignore_unknown_options": True})
 @connection_options
-@click.argument("dead_letter_id", type=int)
+@click.argument("dead_letter_id", callback=_dead_letter_id, metavar="DEAD_LETTER_ID")
 @json_option
 def dead_letters_show(dsn: str | None, schema: str, dead_letter_id: int, as_json: bool) -> None:
     """Everything about dead letter DEAD_LETTER_ID: payload, policy, errors, resolution."""
@@ -182,10 +196,23 @@ def _print_detail(d: DeadLetterDetail) -> None:
         "",
         errors,
         "",
+        *_handler_parts(d),
         "Payload",
         "",
         json.dumps(d.payload, indent=2, ensure_ascii=False),
     )
+
+
+def _handler_parts(d: DeadLetterDetail) -> list[str | Table]:
+    """The dead-letter handlers that ran for ``d``, each with its outcome; nothing when none
+    did."""
+    if not d.handler_outcomes:
+        return []
+    handlers = table("handler", "trigger id", "outcome", "at", "error")
+    for h in d.handler_outcomes:
+        outcome = "-" if h.outcome is None else h.outcome.value
+        handlers.add_row(opt(h.trigger), opt(h.trigger_id), outcome, when(h.at), opt(h.error))
+    return [f"Handlers ({len(d.handler_outcomes)})", "", handlers, ""]
 
 
 @dead_letters.command("replay")

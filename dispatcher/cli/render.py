@@ -117,7 +117,15 @@ def pauses_table(pauses: Sequence[Pause]) -> Table:
 
 def breakers_table(found: Sequence[Breaker]) -> Table:
     rows = table(
-        "trigger id", "scope", "trigger", "state", "failures", "open until", "opened", "updated"
+        "trigger id",
+        "scope",
+        "trigger",
+        "state",
+        "failures",
+        "open until",
+        "rate-limited until",
+        "opened",
+        "updated",
     )
     for b in found:
         rows.add_row(
@@ -127,6 +135,7 @@ def breakers_table(found: Sequence[Breaker]) -> Table:
             b.state,
             str(b.failures),
             when(b.open_until),
+            when(b.held_until),
             f"{b.opened_count}x",
             when(b.updated_at),
         )

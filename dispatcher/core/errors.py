@@ -44,15 +44,18 @@ class TransactionRequired(InvalidInput):
     a rollback of the work they describe. ``operation`` names the call that refused.
     """
 
-    def __init__(self, operation: str, conn: object) -> None:
+    def __init__(
+        self,
+        operation: str,
+        conn: object,
+        how: str = "call it inside `async with conn.transaction():`",
+    ) -> None:
         super().__init__(
             "conn",
             conn,
-            f"{operation} needs a connection inside a transaction, or its writes commit on "
-            "their own and outlive a rollback of your work: call it inside "
-            "`async with conn.transaction():` (with SQLAlchemy's asyncpg driver, the "
-            "transaction begins only at its first statement: make this call after one), or pass "
-            "autocommit=True if committing on its own is intended",
+            f"{operation} must run inside your transaction, so that its outbox rows commit and "
+            f"roll back with your work: {how}; or pass autocommit=True if committing on its "
+            "own is intended",
         )
         self.operation = operation
 
@@ -78,6 +81,45 @@ class LimitExceeded(DispatcherError):
         self.setting = setting
         super().__init__(
             f"{what}: {actual} exceeds the limit of {limit} (raise {setting} to allow more)"
+        )
+
+
+# The SQLSTATE the emit functions raise when a call would take a scope past its backlog cap
+# (migration 0010): class 54, program limit exceeded; Q01 is in the implementation-defined
+# range of subclasses.
+BACKLOG_FULL_SQLSTATE = "54Q01"
+
+
+class BacklogFull(DispatcherError):
+    """An emit would take a scope's pending rows past the scope's backlog cap; nothing was
+    enqueued.
+
+    Raised from inside the caller's transaction, which the database has aborted: roll it
+    back (``async with conn.transaction():`` and the other hosts' transaction blocks do, as
+    the error leaves them), then retry once the dispatcher has drained the scope, or raise
+    the cap (``dispatcher backlog-caps set``). Rows already queued are never dropped.
+
+    ``scope`` names the scope, ``cap`` its cap, ``backlog`` its pending rows as last
+    counted, ``adding`` the rows the call would have added. Plain SQL callers get SQLSTATE
+    :data:`BACKLOG_FULL_SQLSTATE` with the same four values, as JSON, in the DETAIL.
+
+    >>> try:
+    ...     async with conn.transaction():
+    ...         await dispatcher.emit(conn, mutation)
+    ... except dispatcher.BacklogFull as full:
+    ...     retry_later(after=5, reason=str(full))
+    """
+
+    def __init__(self, scope: str, cap: int, backlog: int, adding: int) -> None:
+        self.scope = scope
+        self.cap = cap
+        self.backlog = backlog
+        self.adding = adding
+        super().__init__(
+            f"the backlog of scope {scope!r} is full: {backlog} rows pending, its cap is "
+            f"{cap}, and this emit would add {adding}; nothing was enqueued. Roll the "
+            "transaction back and retry once the dispatcher has drained the scope, or raise "
+            "the cap (dispatcher backlog-caps set)"
         )
 
 

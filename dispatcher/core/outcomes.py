@@ -124,6 +124,8 @@ class Limits:
     gate_retry_delay: float = 0.05
     # Rate-limited reschedules never push an event past this age, even without a policy age.
     max_rate_limited_age: float = 86_400.0
+    # The longest a target's Retry-After is honoured; a longer one is cut to this.
+    max_retry_after: float = 300.0
 
 
 # --- Outcomes: each names one state change of the claimed row. ---
@@ -179,7 +181,8 @@ class Reply:
 
 @dataclass(frozen=True, slots=True)
 class ResolveDeadLetter:
-    """Dead-letter-handler row: delete it and mark the original dead letter."""
+    """Dead-letter-handler row: delete it and record its outcome on the original dead letter
+    (any handler's failure leaves the letter ``handler_failed``, whatever the order)."""
 
     dead_letter_id: int
     resolution: Resolution  # HANDLED or HANDLER_FAILED
@@ -197,8 +200,11 @@ class Park:
 
 @dataclass(frozen=True, slots=True)
 class Release:
-    """Give the lease back without consuming an attempt: the row is due again at once.
-    Never routed; the runtime releases rows it will not run (shutdown, cancellation)."""
+    """Give the lease back without consuming an attempt: the row is due again after
+    ``delay`` seconds (at once by default). Never routed; the runtime releases rows it will
+    not run (shutdown, cancellation, a trigger this process holds back)."""
+
+    delay: float = 0.0
 
 
 Outcome: TypeAlias = (

@@ -194,8 +194,9 @@ def _route_failure(row: ClaimedRow, failure: Failure, limits: Limits, rng: Rando
         case FailureKind.RATE_LIMITED:
             retry_after = failure.retry_after
             if retry_after is not None and math.isfinite(retry_after) and retry_after > 0:
-                # A storable wait: the event-age bound below decides whether it is kept.
-                delay = clamp_delay(retry_after)
+                # Cut to the cap (a target asking for days would otherwise expire the
+                # event unrun); the event-age bound below still bounds the total.
+                delay = min(clamp_delay(retry_after), limits.max_retry_after)
             else:
                 delay = max(backoff_delay(policy, row.attempts + 1, rng), UNAVAILABLE_MIN_DELAY)
             # Rescheduling consumes no attempt, so only the event's age bounds a target that
@@ -244,6 +245,21 @@ def _route_failure(row: ClaimedRow, failure: Failure, limits: Limits, rng: Rando
             return Retry(delay, attempts=attempts, error=error)
         case _:
             assert_never(kind)
+
+
+def retry_after_clamped(row: ClaimedRow, result: ExecutionResult, limits: Limits) -> bool:
+    """Whether routing ``result`` cuts the target's Retry-After to ``max_retry_after``
+    (for the runtime to log: the cut is silent otherwise)."""
+    if row.reply_to is not None or row.dead_letter_id is not None:
+        return False
+    match result:
+        case Failure(kind=FailureKind.RATE_LIMITED, retry_after=float() as retry_after):
+            # Not inf or nan: those are no usable Retry-After at all (the policy's backoff).
+            return math.isfinite(retry_after) and retry_after > limits.max_retry_after
+        case Success() | Failure():
+            return False
+        case _:
+            assert_never(result)
 
 
 def _reason(kind: _Terminal) -> DeadLetterReason:

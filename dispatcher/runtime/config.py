@@ -47,6 +47,10 @@ class DispatcherConfig:
     reconnect_max: float = 5.0
     gate_retry_delay: float = 0.05
     max_rate_limited_age: float = 86_400.0
+    # The longest Retry-After honoured (a rate-limited target asking for longer is tried
+    # again after this; each time is logged as dispatcher.retry_after_clamped). The event's
+    # age (max_event_age, else max_rate_limited_age) still bounds the total.
+    max_retry_after: float = 300.0
     application_name: str = "dispatcher"
     pool_size: int = 4
     # How often the backlog (due rows, oldest due age) is sampled for metrics; 0 disables.
@@ -88,6 +92,7 @@ class DispatcherConfig:
         for name in ("grace_period", "gate_retry_delay", "backlog_interval"):
             positive(name, getattr(self, name), allow_zero=True)
         positive("max_rate_limited_age", self.max_rate_limited_age)
+        positive("max_retry_after", self.max_retry_after)
         positive("breaker_cooldown", self.breaker_cooldown)
         positive("root_budget_ttl", self.root_budget_ttl)
         positive("depth_cutoff_retention", self.depth_cutoff_retention)
@@ -119,4 +124,5 @@ class DispatcherConfig:
             max_trigger_depth=self.max_trigger_depth,
             gate_retry_delay=self.gate_retry_delay,
             max_rate_limited_age=self.max_rate_limited_age,
+            max_retry_after=self.max_retry_after,
         )

@@ -1,5 +1,5 @@
 """The dispatcher's connections: the pool, the poller's and the settler's kept connections,
-and the reconnect backoff with its one log line per state change."""
+and the reconnect backoff (jittered) with its one log line per state change."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import anyio
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from dispatcher.core.policy import RandomSource
 from dispatcher.core.sanitize import describe_exception
 from dispatcher.runtime.config import DispatcherConfig
 from dispatcher.runtime.signals import Signals
@@ -32,6 +33,20 @@ DB_ERRORS: tuple[type[BaseException], ...] = (
     # statement finds the protocol still busy ("cannot switch to state …").
     asyncpg.InternalClientError,
 )
+
+
+# Each backoff sleeps its delay times a factor drawn from [1 - JITTER, 1 + JITTER): the
+# processes an outage (or a shared bug) stopped together do not all come back at once.
+JITTER = 0.5
+
+
+def jittered(delay: float, rng: RandomSource, ceiling: float) -> float:
+    """``delay`` give or take ``JITTER`` of it, at most ``ceiling``.
+
+    >>> 0.5 <= jittered(1.0, random.Random(), 5.0) < 1.5
+    True
+    """
+    return min(delay * (1.0 - JITTER + 2.0 * JITTER * rng.random()), ceiling)
 
 
 def session_settings(application_name: str) -> dict[str, str]:
@@ -56,9 +71,17 @@ def session_settings(application_name: str) -> dict[str, str]:
 class Connections:
     """The pool, two kept connections, and the health of the database as the loops see it."""
 
-    def __init__(self, dsn: str, config: DispatcherConfig, signals: Signals, stats: Stats) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        config: DispatcherConfig,
+        signals: Signals,
+        stats: Stats,
+        rng: RandomSource,
+    ) -> None:
         self.dsn = dsn
         self._config = config
+        self._rng = rng
         self._signals = signals
         self._stats = stats
         self.pool: asyncpg.Pool | None = None
@@ -111,7 +134,8 @@ class Connections:
         self.backoff_until = None
 
     async def failed(self, exc: BaseException, delay: float) -> float:
-        """Record a database error, sleep ``delay`` (or until a stop), return the next delay."""
+        """Record a database error, sleep ``delay`` give or take :data:`JITTER` (or until a
+        stop), return the next delay."""
         self._stats.db_errors += 1
         self.last_error = describe_exception(exc, limit=500)
         if self.consecutive_failures == 0:
@@ -122,8 +146,9 @@ class Connections:
             )
         self.consecutive_failures += 1
         self._signals.phase = Phase.BACKOFF
-        self.backoff_until = datetime.now(UTC) + timedelta(seconds=delay)
-        await self._signals.sleep_or_stop(delay)
+        wait = jittered(delay, self._rng, self._config.reconnect_max)
+        self.backoff_until = datetime.now(UTC) + timedelta(seconds=wait)
+        await self._signals.sleep_or_stop(wait)
         return min(delay * 2, self._config.reconnect_max)
 
     # The poller and the settler each keep one connection from the pool for as long as it

@@ -24,12 +24,14 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import TaskStatus
 
+from dispatcher.core.breakers import LocalBreakers
 from dispatcher.core.models import JsonValue, Mutation, Op
 from dispatcher.core.outcomes import Failure, FailureKind
 from dispatcher.core.policy import RandomSource
 from dispatcher.core.redact import Redactor
 from dispatcher.emit import Emitter, encode_event
 from dispatcher.kv import KvStore
+from dispatcher.records import claimed_row
 from dispatcher.runtime.config import DispatcherConfig, positive
 from dispatcher.runtime.connections import DB_ERRORS, Connections
 from dispatcher.runtime.executor import Executions
@@ -39,8 +41,12 @@ from dispatcher.runtime.inbox import InProcessInbox, InvokeResult
 from dispatcher.runtime.kv_session import PoolKv, guard_for
 from dispatcher.runtime.poller import Poller
 from dispatcher.runtime.principals import PrincipalResolver, RegisteredByResolver
-from dispatcher.runtime.rows import row_from_record
-from dispatcher.runtime.services import housekeeping, listen, sample_backlog
+from dispatcher.runtime.services import (
+    count_capped_backlogs,
+    housekeeping,
+    listen,
+    sample_backlog,
+)
 from dispatcher.runtime.settle import Applier, BreakerSettings
 from dispatcher.runtime.settler import Settler
 from dispatcher.runtime.signals import Signals
@@ -84,13 +90,17 @@ class Dispatcher:
         self._recorder: Recorder = recorder or NullRecorder()
         self._emitter = emitter or Emitter(schema=cfg.schema)
         self._sql = queries(cfg.schema)
-        rng = rng or random.Random()
+        self._rng = rng = rng or random.Random()
         redactor = Redactor(frozenset(cfg.redact_keys))
         self.gate = ExecutionGate(cfg.concurrency)
         self.inbox = InProcessInbox()
         self.stats = Stats()
         self._signals = Signals()
-        self._connections = Connections(dsn, cfg, self._signals, self.stats)
+        self._connections = Connections(dsn, cfg, self._signals, self.stats, rng)
+        # What this process knows of its triggers ahead of the shared breakers: rows of a
+        # trigger it holds back are released, due again after a poll interval (by then the
+        # shared breaker has normally seen the failures that tripped it here).
+        local = LocalBreakers(cfg.breaker_threshold, cfg.concurrency, cfg.poll_interval)
         applier = Applier(
             self._sql,
             self.inbox,
@@ -113,6 +123,7 @@ class Dispatcher:
             rng=rng,
             redactor=redactor,
             abandon_after=cfg.abandon_after,
+            local=local,
         )
         self._poller = Poller(
             sql=self._sql,
@@ -127,6 +138,7 @@ class Dispatcher:
             rng=rng,
             redactor=redactor,
             inbox_id=self.inbox.inbox_id,
+            local=local,
         )
         self._accepting = False
         self._running = False
@@ -148,7 +160,8 @@ class Dispatcher:
         return StatusSnapshot(
             phase=self._signals.phase,
             in_flight=self._executions.in_flight,
-            last_error=c.last_error,
+            # While the poll loop backs off from an error of its own, that error.
+            last_error=self._poller.last_error or c.last_error,
             consecutive_failures=c.consecutive_failures,
             backoff_until=c.backoff_until,
             last_claim_at=self._poller.last_claim_at,
@@ -233,12 +246,15 @@ class Dispatcher:
         assert c.pool is not None
         services.start_soon(self._settler.loop)
         if cfg.listen:
-            services.start_soon(listen, c.dsn, self._sql, cfg, self._signals, self._poller.hinted)
+            services.start_soon(
+                listen, c.dsn, self._sql, cfg, self._signals, self._poller.hinted, self._rng
+            )
         if cfg.backlog_interval > 0 and not isinstance(self.recorder, NullRecorder):
             # Only for a recorder that uses it: an idle dispatcher should cost one claim per
             # poll interval and nothing else.
             services.start_soon(sample_backlog, c.pool, self._sql, cfg, self.recorder)
         services.start_soon(housekeeping, c.pool, self._sql, cfg)
+        services.start_soon(count_capped_backlogs, c.pool, self._sql, self.stats)
 
     async def _shut_down(self) -> None:
         """Also reached when run() itself is cancelled (an abort): whatever still runs is
@@ -324,7 +340,7 @@ class Dispatcher:
             assert record is not None
             # Run it here and now with the permit we hold; the execution belongs to the
             # dispatcher, so a caller that stops waiting does not cancel it.
-            self._executions.start(row_from_record(record))
+            self._executions.start(claimed_row(record))
             started = True
             with anyio.fail_after(time_limit):
                 reply = await self.inbox.wait(request_id)

@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import anyio
 
+from dispatcher.core.breakers import LocalBreakers
 from dispatcher.core.outcomes import (
     ClaimedRow,
     ExecutionResult,
@@ -21,7 +22,8 @@ from dispatcher.core.outcomes import (
 )
 from dispatcher.core.policy import RandomSource
 from dispatcher.core.redact import Redactor
-from dispatcher.core.routing import route
+from dispatcher.core.routing import retry_after_clamped, route
+from dispatcher.core.sanitize import describe_exception
 from dispatcher.runtime.gate import ExecutionGate
 from dispatcher.runtime.handlers import Executor, HandlerContext, KvHandle, StillRunning
 from dispatcher.runtime.kv_session import root_of
@@ -49,8 +51,10 @@ class Executions:
         rng: RandomSource,
         redactor: Redactor,
         abandon_after: float,
+        local: LocalBreakers,
     ) -> None:
         self._executor = executor
+        self._local = local
         self._principals = principals
         self._gate = gate
         self._settler = settler
@@ -77,6 +81,7 @@ class Executions:
     def start(self, row: ClaimedRow) -> None:
         """Run ``row`` under the permit the caller already holds."""
         self.in_flight += 1
+        self._local.started(row.trigger_id)
         task = asyncio.get_running_loop().create_task(self._execute(row))
         self._tasks[task] = row
         task.add_done_callback(self._ended)
@@ -132,8 +137,12 @@ class Executions:
         finally:
             self._gate.release()
             self.in_flight -= 1
+            self._local.ended(row.trigger_id)
             self._signals.notify_progress()
         self._submit(row, decision)
+        # Told at once, before the settlement commits: this process stops claiming and
+        # starting a failing (or rate-limited) trigger's rows now, not a batch later.
+        self._local.observe(row, decision, seq=self._settler.submitted, now=time.monotonic())
 
     def _submit(self, row: ClaimedRow, decision: Decision) -> None:
         if self._abandoned and asyncio.current_task() in self._abandoned:
@@ -155,7 +164,14 @@ class Executions:
         # Admission (depth, orphans, age) was decided by the poller before the permit.
         self._stats.executed += 1
         started = time.perf_counter()
-        result = await self._run_target(row)
+        try:
+            result = await self._run_target(row)
+        except Exception as exc:
+            # The executor's contract is to return a failure, never to raise: one that
+            # raises (a bug, a custom executor) fails this attempt, not the dispatcher.
+            result = self._executor_failed(row, exc)
+        if isinstance(result, Failure) and retry_after_clamped(row, result, self._limits):
+            self._clamped(row, result)
         self.recorder.execution(
             time.perf_counter() - started,
             "success" if isinstance(result, Success) else result.kind.value,
@@ -167,6 +183,36 @@ class Executions:
             secrets = self._redactor.secrets_in(row.payload)
             result = replace(result, message=self._redactor.redact_text(result.message, secrets))
         return route(row, result, self._limits, self._rng)
+
+    def _executor_failed(self, row: ClaimedRow, exc: Exception) -> Failure:
+        self._stats.internal_errors += 1
+        log.exception(
+            "the executor raised instead of returning a result; the attempt failed",
+            extra={
+                "event": "dispatcher.executor_error",
+                "trigger": row.trigger_name,
+                "scope": row.scope,
+                "outbox_id": row.id,
+            },
+        )
+        return Failure(
+            FailureKind.HANDLER_ERROR, f"executor failed: {describe_exception(exc, limit=2000)}"
+        )
+
+    def _clamped(self, row: ClaimedRow, result: ExecutionResult) -> None:
+        assert isinstance(result, Failure)
+        self._stats.retry_after_clamped += 1
+        log.warning(
+            "Retry-After longer than max_retry_after; cut to it",
+            extra={
+                "event": "dispatcher.retry_after_clamped",
+                "trigger": row.trigger_name,
+                "scope": row.scope,
+                "outbox_id": row.id,
+                "retry_after": result.retry_after,
+                "max_retry_after": self._limits.max_retry_after,
+            },
+        )
 
     async def _run_target(self, row: ClaimedRow) -> ExecutionResult:
         try:

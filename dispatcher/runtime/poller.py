@@ -1,6 +1,7 @@
 """The poller: claims due rows in batches no larger than the gate's free permits, decides
 before taking a permit which rows run at all, and hands the others' outcomes straight to
-the settler."""
+the settler. Triggers this process holds back (its local breaker view) are left out of the
+claim; an error of its own in a cycle is logged and backed off from, never fatal."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from datetime import UTC, datetime
 import anyio
 import asyncpg
 
+from dispatcher.core.breakers import LocalBreakers
 from dispatcher.core.outcomes import (
     ClaimedRow,
     DeadLetter,
@@ -27,11 +29,11 @@ from dispatcher.core.policy import RandomSource
 from dispatcher.core.redact import Redactor
 from dispatcher.core.routing import admit, route
 from dispatcher.core.sanitize import describe_exception
+from dispatcher.records import claimed_row, undecodable_claimed_row
 from dispatcher.runtime.config import DispatcherConfig
-from dispatcher.runtime.connections import DB_ERRORS, Connections
+from dispatcher.runtime.connections import DB_ERRORS, Connections, jittered
 from dispatcher.runtime.executor import Executions
 from dispatcher.runtime.gate import ExecutionGate
-from dispatcher.runtime.rows import row_from_record, undecodable_row
 from dispatcher.runtime.settler import Settler
 from dispatcher.runtime.signals import Signals
 from dispatcher.runtime.stats import Phase, Recorder, Stats
@@ -60,6 +62,7 @@ class Poller:
         rng: RandomSource,
         redactor: Redactor,
         inbox_id: str,
+        local: LocalBreakers,
     ) -> None:
         self._sql = sql
         self._config = config
@@ -74,11 +77,19 @@ class Poller:
         self._rng = rng
         self._redactor = redactor
         self._inbox_id = inbox_id
+        self._local = local
         self.claiming = False
         self.last_claim_at: datetime | None = None
         self._last_notify = -1e9
         # The claim loop's reconnect backoff, reset by each successful claim.
         self._delay = config.reconnect_min
+        # The rows of the latest claim, and how many of them were handed on (started or
+        # queued for settling): after an error mid-cycle the rest are given back.
+        self._claimed: list[asyncpg.Record] = []
+        self._handed = 0
+        # Set while the loop backs off from an error of its own (Phase.DEGRADED).
+        self.last_error: str | None = None
+        self._error_delay = config.reconnect_min
 
     def hinted(self) -> None:
         """A wake-up hint arrived (NOTIFY): claim now, and poll again soon after."""
@@ -90,37 +101,85 @@ class Poller:
         cfg = self._config
         signals = self._signals
         while not signals.stopping:
-            if await self._held_back():
-                continue
-            want = min(cfg.batch_size, self._gate.free)
-            if want == 0:  # permits held by synchronous calls alone
-                await self._gate.wait_free(1)
-                continue
-            signals.rearm_wake()
-            started = time.perf_counter()
-            records = await self._claim(want)
-            if records is None:
-                continue
-            self._dispatch(records)
-            if len(records) == want and not signals.is_stopping():
-                continue  # a full batch: more is probably due, claim again at once
-            signals.phase = Phase.EXECUTING if self._executions.in_flight else Phase.IDLE
-            # Ticks start every poll interval, whatever the claim took: a row that became
-            # due waits at most one interval (plus a claim), not an interval plus the claim
-            # and the dispatch of its batch.
-            wait = max(0.0, cfg.poll_interval - (time.perf_counter() - started))
-            if time.monotonic() - self._last_notify < NOTIFY_LINGER:
-                # Producers send at most one hint per notify_interval: while hints keep
-                # coming, poll again soon for rows whose hint was folded into an earlier one.
-                wait = min(wait, LINGER_POLL)
-            with anyio.move_on_after(wait):
-                await signals.wake.wait()
+            try:
+                await self._cycle()
+            except Exception as exc:
+                # A bug of ours (or of a component given to us, a recorder say) must not end
+                # the loop silently: log it, give back what it left claimed, back off.
+                await self._survive(exc)
         signals.phase = Phase.STOPPING
         with anyio.move_on_after(cfg.grace_period):
             while self._executions.in_flight:
                 await signals.wait_progress()
         # Past the grace period: cancel what still runs; each gives its lease back.
         await self._executions.cancel_all()
+
+    async def _cycle(self) -> None:
+        """One claim and its dispatch, then the wait for the next tick (none after a full
+        batch: more is probably due)."""
+        cfg = self._config
+        signals = self._signals
+        if await self._held_back():
+            return
+        want = min(cfg.batch_size, self._gate.free)
+        if want == 0:  # permits held by synchronous calls alone
+            await self._gate.wait_free(1)
+            return
+        signals.rearm_wake()
+        started = time.perf_counter()
+        records = await self._claim(want)
+        if records is None:
+            return
+        self._dispatch(records)
+        if self.last_error is not None:  # a whole cycle went through: no longer degraded
+            self.last_error = None
+            self._error_delay = cfg.reconnect_min
+        if len(records) == want and not signals.is_stopping():
+            return  # a full batch: more is probably due, claim again at once
+        signals.phase = Phase.EXECUTING if self._executions.in_flight else Phase.IDLE
+        # Ticks start every poll interval, whatever the claim took: a row that became
+        # due waits at most one interval (plus a claim), not an interval plus the claim
+        # and the dispatch of its batch.
+        wait = max(0.0, cfg.poll_interval - (time.perf_counter() - started))
+        if time.monotonic() - self._last_notify < NOTIFY_LINGER:
+            # Producers send at most one hint per notify_interval: while hints keep
+            # coming, poll again soon for rows whose hint was folded into an earlier one.
+            wait = min(wait, LINGER_POLL)
+        with anyio.move_on_after(wait):
+            await signals.wake.wait()
+
+    async def _survive(self, exc: Exception) -> None:
+        """After an error of the loop's own: give back the rows it left claimed, report
+        it (traceback in the log, DEGRADED with the error in the status), back off with
+        jitter, and go on."""
+        self.claiming = False
+        self._give_back()
+        self._stats.internal_errors += 1
+        self.last_error = describe_exception(exc, limit=500)
+        delay = jittered(self._error_delay, self._rng, self._config.reconnect_max)
+        log.exception(
+            "poll cycle failed; backing off %.2fs",
+            delay,
+            extra={"event": "dispatcher.poll_error", "error": self.last_error},
+        )
+        self._signals.phase = Phase.DEGRADED
+        self._signals.notify_progress()
+        self._error_delay = min(self._error_delay * 2, self._config.reconnect_max)
+        await self._signals.sleep_or_stop(delay)
+
+    def _give_back(self) -> None:
+        """Release the claimed rows not handed on yet (their leases would otherwise have to
+        expire, and count against their attempts)."""
+        rest, self._claimed = self._claimed[self._handed :], []
+        for record in rest:
+            try:
+                row = claimed_row(record)
+            except Exception:
+                try:
+                    row = undecodable_claimed_row(record)
+                except Exception:
+                    continue  # not even its columns: the lease expires (see _undecodable)
+            self._settler.submit(row, Release())
 
     async def _held_back(self) -> bool:
         """Wait (bounded) while claiming now would be wrong; True if the loop should look
@@ -156,6 +215,7 @@ class Poller:
         self._signals.phase = Phase.CLAIMING
         self.claiming = True
         started = time.perf_counter()
+        held = self._local.held(now=time.monotonic(), applied=self._settler.applied)
         try:
             conn = await self._connections.for_claims()
             records: list[asyncpg.Record] = await conn.fetch(
@@ -164,6 +224,7 @@ class Poller:
                 uuid.uuid4(),
                 self._inbox_id,
                 self._config.lease_margin,
+                held,
             )
         except DB_ERRORS as exc:
             self.claiming = False
@@ -171,6 +232,7 @@ class Poller:
             await self._connections.drop_kept()
             self._delay = await self._connections.failed(exc, self._delay)
             return None
+        self._claimed, self._handed = records, 0
         self._delay = self._config.reconnect_min
         self._connections.ok()
         self.last_claim_at = datetime.now(UTC)
@@ -180,35 +242,49 @@ class Poller:
         return records
 
     def _dispatch(self, records: list[asyncpg.Record]) -> None:
-        """Each claimed row: settled at once (not admitted, stopping, no permit) or run."""
+        """Each claimed row: settled at once (not admitted, held, stopping, no permit) or
+        run."""
+        now = time.monotonic()
         for record in records:
-            try:
-                row = row_from_record(record)
-            except Exception as exc:
-                # A poison row (written by another client, or nested past what the
-                # decoder follows) must not end the loop nor keep its batch leased.
-                self._undecodable(record, exc)
-                continue
-            if self._signals.is_stopping():
-                self._settler.submit(row, Release())
-                continue
-            # Decided before a permit is taken: a row that will not run never holds one.
-            early = admit(row, self._limits)
-            if early is not None:
-                self._settler.submit(row, early)
-                continue
-            if not self._gate.try_acquire():
-                self._stats.gate_saturated += 1
-                full = Failure(FailureKind.GATE_SATURATED, "execution gate is full")
-                self._settler.submit(row, route(row, full, self._limits, self._rng))
-                continue
-            self._executions.start(row)
+            self._dispatch_one(record, now)
+            self._handed += 1
+        self._claimed = []
         self.claiming = False
         self._signals.notify_progress()
 
+    def _dispatch_one(self, record: asyncpg.Record, now: float) -> None:
+        try:
+            row = claimed_row(record)
+        except Exception as exc:
+            # A poison row (written by another client, or nested past what the
+            # decoder follows) must not end the loop nor keep its batch leased.
+            self._undecodable(record, exc)
+            return
+        if self._signals.is_stopping():
+            self._settler.submit(row, Release())
+            return
+        # Decided before a permit is taken: a row that will not run never holds one.
+        early = admit(row, self._limits)
+        if early is not None:
+            self._settler.submit(row, early)
+            return
+        # Its trigger is held here (claimed before this process saw it fail or get rate
+        # limited, or its cautious window is full): back unrun, no attempt used.
+        wait = self._local.wait(row.trigger_id, now=now, applied=self._settler.applied)
+        if wait is not None:
+            self._stats.held += 1
+            self._settler.submit(row, Release(wait))
+            return
+        if not self._gate.try_acquire():
+            self._stats.gate_saturated += 1
+            full = Failure(FailureKind.GATE_SATURATED, "execution gate is full")
+            self._settler.submit(row, route(row, full, self._limits, self._rng))
+            return
+        self._executions.start(row)
+
     def _undecodable(self, record: asyncpg.Record, exc: Exception) -> None:
         try:
-            row = undecodable_row(record)
+            row = undecodable_claimed_row(record)
         except Exception:
             # Not even the columns every row has could be read: leave the lease to expire
             # (the claim that follows counts it as an orphan) rather than stop the loop.

@@ -1,5 +1,6 @@
 """The dispatcher's side loops: the LISTEN connection for wake-up hints, the backlog
-sampler for metrics, and the expiry of what the library keeps for a while."""
+sampler for metrics, the counts of capped backlogs, and the expiry of what the library keeps
+for a while."""
 
 from __future__ import annotations
 
@@ -10,15 +11,21 @@ from functools import partial
 import anyio
 import asyncpg
 
+from dispatcher.core.policy import RandomSource
 from dispatcher.runtime.config import DispatcherConfig
-from dispatcher.runtime.connections import DB_ERRORS, session_settings
+from dispatcher.runtime.connections import DB_ERRORS, jittered, session_settings
 from dispatcher.runtime.signals import Signals
-from dispatcher.runtime.stats import Recorder
+from dispatcher.runtime.stats import Recorder, Stats
 from dispatcher.sql import Sql
 
 
 async def listen(
-    dsn: str, sql: Sql, config: DispatcherConfig, signals: Signals, hinted: Callable[[], None]
+    dsn: str,
+    sql: Sql,
+    config: DispatcherConfig,
+    signals: Signals,
+    hinted: Callable[[], None],
+    rng: RandomSource,
 ) -> None:
     """Keep a LISTEN connection open; call ``hinted`` for each wake-up hint."""
     delay = config.reconnect_min
@@ -35,7 +42,7 @@ async def listen(
             signals.wake_poller()  # catch up on anything sent while we were not listening
             await lost.wait()
         except DB_ERRORS:
-            await signals.sleep_or_stop(delay)
+            await signals.sleep_or_stop(jittered(delay, rng, config.reconnect_max))
             delay = min(delay * 2, config.reconnect_max)
         finally:
             if conn is not None:
@@ -54,6 +61,36 @@ async def sample_backlog(
             assert row is not None
             recorder.backlog(int(row["due"]), float(row["oldest_due_seconds"]))
         await anyio.sleep(config.backlog_interval)
+
+
+# How often a dispatcher that claimed or settled rows counts the capped backlogs that are
+# due (seconds).
+BACKLOG_RECOUNT_EVERY = 1.0
+
+
+async def count_capped_backlogs(pool: asyncpg.Pool, sql: Sql, stats: Stats) -> None:
+    """Count again the backlogs of capped scopes whose count is due (each cap's own
+    ``recount_interval``), within a second of this dispatcher claiming or settling rows.
+
+    An emit refused for a full scope counts nothing (its transaction is aborted, a count
+    with it), so a full scope's count goes down here, as the dispatchers drain it. An idle
+    dispatcher sends nothing: only ``claims`` moves then (a claim that found no row).
+    """
+    seen = _work_done(stats)
+    while True:
+        await anyio.sleep(BACKLOG_RECOUNT_EVERY)
+        now = _work_done(stats)
+        if now == seen:
+            continue
+        with contextlib.suppress(*DB_ERRORS):  # the poll loop reports database trouble
+            await pool.execute(sql.recount_backlog_caps)
+            seen = now
+
+
+def _work_done(stats: Stats) -> dict[str, int]:
+    counters = stats.as_dict()
+    del counters["claims"]
+    return counters
 
 
 async def housekeeping(pool: asyncpg.Pool, sql: Sql, config: DispatcherConfig) -> None:

@@ -20,7 +20,6 @@ from typing import NamedTuple, TypeAlias, assert_never
 
 import asyncpg
 
-from dispatcher.core.breakers import trailing_failures
 from dispatcher.core.outcomes import (
     ClaimedRow,
     Complete,
@@ -46,6 +45,7 @@ from dispatcher.core.sanitize import describe_exception, sanitize_text
 from dispatcher.db import Connection
 from dispatcher.runtime import settle_counts as counts
 from dispatcher.runtime.inbox import InboxResolver
+from dispatcher.runtime.settle_flow import BreakerSettings, feed_breakers, hold_rate_limited
 from dispatcher.runtime.settle_writes import (
     COMPLETE,
     DEAD_LETTER,
@@ -86,15 +86,6 @@ class Settlement:
     decision: Outcome
 
 
-@dataclass(frozen=True, slots=True)
-class BreakerSettings:
-    """Consecutive counted failures that open a trigger's breaker (0: never), and for how
-    long it stays open before one probe is let through."""
-
-    threshold: int = 3
-    cooldown: float = 60.0
-
-
 class _Step(NamedTuple):
     """How one settlement is applied: the statement, the row's values for it (after its id
     and lease token, in the statement's column order), and what to count once applied.
@@ -125,8 +116,8 @@ def _step(s: Settlement, redactor: Redactor) -> _Step:
         case Reschedule() as again:
             columns = (again.delay, row.attempts, None, error_json(again.error))
             return _Step(RESCHEDULE, columns, counts.rescheduled)
-        case Release():
-            return _Step(RESCHEDULE, (0.0, row.attempts, None, None), counts.released)
+        case Release(delay=delay):
+            return _Step(RESCHEDULE, (delay, row.attempts, None, None), counts.released)
         case Park() as park:
             columns = (None, None, park.kind.value, error_json(park.error))
             return _Step(RESCHEDULE, columns, partial(counts.parked, row=row, park=park))
@@ -151,6 +142,8 @@ class _Applied:
     unparked: int = 0
     breakers_closed: list[int] = field(default_factory=list)
     breakers_opened: list[int] = field(default_factory=list)
+    # Triggers a rate limit now holds (that were not held already), with the hold's length.
+    holds: dict[int, float] = field(default_factory=dict)
 
 
 class Applier:
@@ -302,7 +295,9 @@ class Applier:
             s.row.id in written[step.write].ids for s, step in zip(items, steps, strict=True)
         ]
         done.replied = REPLY in written
-        done.breakers_opened = await self._feed_breakers(conn, items, done.applied)
+        settled = [(s.row, s.decision, ok) for s, ok in zip(items, done.applied, strict=True)]
+        done.breakers_opened = await feed_breakers(conn, self._sql, self._breaker, settled)
+        done.holds = await hold_rate_limited(conn, self._sql, settled)
         return done
 
     @staticmethod
@@ -313,30 +308,6 @@ class Applier:
         assert len(steps[0].columns) == len(write.columns), write.name
         return [list(column) for column in zip(*(step.columns for step in steps), strict=True)]
 
-    async def _feed_breakers(
-        self, conn: Connection, items: Sequence[Settlement], applied: Sequence[bool]
-    ) -> list[int]:
-        """Add each trigger's trailing failures to its breaker; returns the triggers whose
-        breaker this opened."""
-        if self._breaker.threshold <= 0:
-            return []
-        failures = trailing_failures(
-            [(s.row, s.decision, ok) for s, ok in zip(items, applied, strict=True)]
-        )
-        if not failures:
-            return []
-        rows = await conn.fetch(
-            self._sql.breaker_failures,
-            list(failures),
-            list(failures.values()),
-            self._breaker.threshold,
-            self._breaker.cooldown,
-        )
-        held = [r["trigger_id"] for r in rows if r["is_open"]]
-        if held:
-            await conn.execute(self._sql.hold_behind_breaker, held)
-        return [r["trigger_id"] for r in rows if r["just_opened"]]
-
     def _count(self, steps: Sequence[_Step], done: _Applied) -> None:
         for step in compress(steps, done.applied):
             step.tally(self._stats)
@@ -346,6 +317,7 @@ class Applier:
             unparked=done.unparked,
             breakers_opened=done.breakers_opened,
             breakers_closed=done.breakers_closed,
+            holds=done.holds,
         )
 
     async def _deliver(self, conn: Connection, replies: Sequence[tuple[Settlement, Reply]]) -> None:

@@ -1,11 +1,12 @@
 """Counters and log lines for outcomes once their batch has committed: one function per
 transition (chosen by its ``case`` in :mod:`dispatcher.runtime.settle`), then one summary
-per batch (stale results, un-parked rows, breakers that opened or closed)."""
+per batch (stale results, un-parked rows, breakers that opened or closed, triggers a rate
+limit now holds)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from dispatcher.core.outcomes import ClaimedRow, DeadLetter, Park, Resolution, SkipDepth
 from dispatcher.runtime.stats import Stats
@@ -88,8 +89,19 @@ def batch(
     unparked: int,
     breakers_opened: Sequence[int],
     breakers_closed: Sequence[int],
+    holds: Mapping[int, float],
 ) -> None:
     st.unparked += unparked
+    for trigger_id, seconds in holds.items():
+        st.rate_limit_holds += 1
+        log.warning(
+            "target rate limited; its trigger is held in every process",
+            extra={
+                "event": "dispatcher.rate_limit_hold",
+                "trigger_id": trigger_id,
+                "seconds": round(seconds, 3),
+            },
+        )
     for trigger_id in breakers_opened:
         st.breakers_opened += 1
         log.warning(

@@ -30,12 +30,17 @@ class Settler:
         self._signals = signals
         self.pending: list[Settlement] = []
         self.settling = False
+        # Outcomes queued and outcomes applied (or given up on) since the start: the queue
+        # is first in, first out, so `applied >= n` means the n-th outcome is written.
+        self.submitted = 0
+        self.applied = 0
         self._wake = asyncio.Event()
         # Fires when the soonest row this process rescheduled within a poll interval is due.
         self._retry_timer: asyncio.TimerHandle | None = None
 
     def submit(self, row: ClaimedRow, decision: Decision) -> None:
         self.pending.append(Settlement(row, decision))
+        self.submitted += 1
         if not self._wake.is_set():
             self._wake.set()
 
@@ -59,6 +64,7 @@ class Settler:
             try:
                 conn = await self._connections.for_settlements()
                 await self._applier.apply(conn, batch)
+                self.applied += len(batch)
                 self._wake_when_due(batch)
                 delay = self._config.reconnect_min
             except asyncio.CancelledError:
@@ -76,6 +82,7 @@ class Settler:
                         extra={"event": "dispatcher.settle_abandoned", "rows": len(batch)},
                     )
                     self.pending = []
+                    self.applied = self.submitted
                     return
                 delay = await self._connections.failed(exc, delay)
                 continue

@@ -18,6 +18,9 @@ class Phase(StrEnum):
     BACKOFF = "backoff"
     # Outcomes are waiting to be written; claiming waits for them.
     SETTLING = "settling"
+    # The poll loop caught an error of its own (not the database's) and is backing off;
+    # ``StatusSnapshot.last_error`` says which.
+    DEGRADED = "degraded"
     STOPPING = "stopping"
     STOPPED = "stopped"
 
@@ -53,6 +56,16 @@ class Stats:
     undecodable: int = 0
     # Outcomes Postgres refused to store (data errors): their rows dead-lettered instead.
     unstorable: int = 0
+    # Claimed rows given back unrun because their trigger is held here: its breaker
+    # tripped (before the shared one knew), a rate limit, or its cautious window is full.
+    held: int = 0
+    # Triggers a target's rate limit held (every row of the trigger, in every process).
+    rate_limit_holds: int = 0
+    # Retry-After values longer than max_retry_after, cut to it.
+    retry_after_clamped: int = 0
+    # Exceptions from the dispatcher's own code (or a component given to it) caught in the
+    # poll loop or around an execution: logged with their traceback, never fatal.
+    internal_errors: int = 0
     dead_letters_by_reason: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, int]:

@@ -48,8 +48,9 @@ _FILTER = """
     AND ($10::bigint[] IS NULL OR d.id = ANY ($10))
 """
 
-# Resolutions an operator may still act on. "handler_failed" is not final: the runtime lets
-# another handler's success overwrite it, and an operator may replay or discard it.
+# Resolutions an operator may still act on. "handler_failed" is not final: an operator may
+# replay or discard it (another handler's later success does not lift it; see
+# SettleSql.resolve_dead_letter_fenced).
 ACTIONABLE = ("open", "handler_failed")
 # Final resolutions: only these are ever purged.
 FINAL = ("handled", "replayed", "discarded")
@@ -86,7 +87,8 @@ class AdminSql(Statements):
             SELECT d.id, d.outbox_id, d.event_id, d.trigger_id, d.scope, d.trigger_name,
                 d.target, d.registered_by, d.payload::text AS payload,
                 d.policy::text AS policy, d.depth, d.attempts, d.reason,
-                d.errors::text AS errors, d.resolution, d.resolution_note, d.replayed_as,
+                d.errors::text AS errors, d.resolution, d.resolution_note,
+                d.handler_outcomes::text AS handler_outcomes, d.replayed_as,
                 d.event_created_at, d.dead_lettered_at, d.resolved_at,
                 EXISTS (
                     SELECT 1 FROM {s}.outbox o
@@ -97,6 +99,21 @@ class AdminSql(Statements):
                     ORDER BY again.id LIMIT 1) AS replay_dead_letter_id
             FROM {s}.dead_letters d
             WHERE d.id = $1"""
+
+        # Whether a trigger a filter names is known: registered, or named by a dead letter (a
+        # deleted trigger's letters keep its id, scope and name). $1 id, $2 name, $3 scope;
+        # NULL for any. Asked only when a filter naming a trigger selects nothing.
+        self.trigger_known = f"""
+            SELECT EXISTS (
+                SELECT 1 FROM {s}.triggers t
+                WHERE ($1::bigint IS NULL OR t.id = $1) AND ($2::text IS NULL OR t.name = $2)
+                    AND ($3::text IS NULL OR t.scope = $3)
+            ) OR EXISTS (
+                SELECT 1 FROM {s}.dead_letters d
+                WHERE ($1::bigint IS NULL OR d.trigger_id = $1)
+                    AND ($2::text IS NULL OR d.trigger_name = $2)
+                    AND ($3::text IS NULL OR d.scope = $3)
+            )"""
 
         # --- dead letters: replay and discard ---
         # Lock what the action will change, oldest first ($11: limit, NULL for all). SKIP
@@ -272,7 +289,7 @@ class AdminSql(Statements):
                     ORDER BY paused_at, id), '{{}}') FROM pz) AS pauses,
                 (SELECT coalesce(array_agg(
                     ROW(trigger_id, scope, trigger_name, state, failures, open_until, probe_id,
-                        opened_count, updated_at)
+                        opened_count, updated_at, held_until)
                     ORDER BY updated_at DESC, trigger_id), '{{}}') FROM bk) AS breakers
             FROM c, ob"""
 

@@ -36,10 +36,12 @@ class ClaimSql(Statements):
                 WHERE b.trigger_id = c.trigger_id AND c.probe IS NOT NULL
                 RETURNING b.trigger_id
             ),
-            -- Pauses and breakers, folded once per claim into a few small arrays: the
-            -- predicates below then stay plain per-row filters on the index scan, which
-            -- keeps "index range scan, stop after LIMIT rows" as the plan (NOT EXISTS would
-            -- be planned as anti-joins over every due row, then a sort).
+            -- Pauses, breakers, rate-limit holds and the triggers this process holds back
+            -- ($5: its local breaker view, ahead of the shared one), folded once per claim
+            -- into a few small arrays: the predicates below then stay plain per-row filters
+            -- on the index scan, which keeps "index range scan, stop after LIMIT rows" as
+            -- the plan (NOT EXISTS would be planned as anti-joins over every due row, then
+            -- a sort).
             held AS MATERIALIZED (
                 SELECT
                     EXISTS (SELECT 1 FROM {s}.pauses
@@ -48,10 +50,16 @@ class ClaimSql(Statements):
                     ARRAY(SELECT trigger_id FROM {s}.pauses
                           WHERE trigger_id IS NOT NULL
                           UNION ALL
-                          SELECT trigger_id FROM {s}.breakers WHERE state <> 'closed')
+                          SELECT trigger_id FROM {s}.breakers
+                          WHERE state <> 'closed' OR held_until > statement_timestamp()
+                          UNION ALL
+                          SELECT unnest($5::bigint[]))
                         AS triggers,
+                    -- A rate limit holds the probe too.
                     ARRAY(SELECT probe_id FROM {s}.breakers
-                          WHERE state = 'half_open' AND probe_id IS NOT NULL) AS probes
+                          WHERE state = 'half_open' AND probe_id IS NOT NULL
+                              AND NOT coalesce(held_until > statement_timestamp(), false))
+                        AS probes
             ),
             due AS MATERIALIZED (
                 -- statement_timestamp() is the database clock and, unlike clock_timestamp(),
@@ -104,8 +112,9 @@ class ClaimSql(Statements):
         self.due_count = f"""
             SELECT count(*) FILTER (WHERE due_at <= clock_timestamp() AND NOT EXISTS (
                         SELECT 1 FROM {s}.breakers b
-                        WHERE b.trigger_id = o.trigger_id AND b.state <> 'closed'
-                            AND b.probe_id IS DISTINCT FROM o.id)) AS due,
+                        WHERE b.trigger_id = o.trigger_id
+                            AND ((b.state <> 'closed' AND b.probe_id IS DISTINCT FROM o.id)
+                                 OR b.held_until > clock_timestamp()))) AS due,
                 count(*) AS total,
                 extract(epoch FROM min(due_at) - clock_timestamp())::float8 AS next_due_in
             FROM {s}.outbox o

@@ -1,4 +1,5 @@
-"""Flow control: pauses, parked rows and circuit breakers, as operators and the runtime see them."""
+"""Flow control: pauses, parked rows, circuit breakers and backlog caps, as operators and the
+runtime see them."""
 
 from __future__ import annotations
 
@@ -13,12 +14,25 @@ def pauses_select(s: str) -> str:
 
 
 def breakers_select(s: str) -> str:
-    """Every breaker that is not plainly closed, with its trigger's scope and name."""
+    """Every breaker that is not plainly closed (open, half-open, counting failures, or
+    holding its trigger for a rate limit), with its trigger's scope and name."""
     return f"""
             SELECT b.trigger_id, t.scope, t.name AS trigger_name, b.state, b.failures,
-                b.open_until, b.probe_id, b.opened_count, b.updated_at
+                b.open_until, b.probe_id, b.opened_count, b.updated_at,
+                CASE WHEN b.held_until > clock_timestamp() THEN b.held_until END
+                    AS held_until
             FROM {s}.breakers b LEFT JOIN {s}.triggers t ON t.id = b.trigger_id
-            WHERE b.state <> 'closed' OR b.failures > 0"""
+            WHERE b.state <> 'closed' OR b.failures > 0
+                OR b.held_until > clock_timestamp()"""
+
+
+# A backlog cap as operators read it (dispatcher.flow.BacklogCap).
+BACKLOG_CAP_COLUMNS = "scope, max_pending, pending, counted_at, recount_interval, updated_at"
+
+
+def backlog_caps_select(s: str) -> str:
+    """Every backlog cap, by scope (``s``: the quoted schema)."""
+    return f"SELECT {BACKLOG_CAP_COLUMNS} FROM {s}.backlog_caps"
 
 
 class FlowSql(Statements):
@@ -115,3 +129,43 @@ class FlowSql(Statements):
                 (SELECT count(*) FROM (
                     SELECT pg_notify('{self.channel}', '') FROM released LIMIT 1) AS w)
                     AS notified"""
+
+        # --- backlog caps (migration 0010; the emit functions check them) ---
+        # Set or change a scope's cap ($1 scope, $2 max_pending, $3 recount_interval), its
+        # pending rows counted now. Waits for an emit that is counting the scope (it holds
+        # the cap's row until its transaction ends).
+        self.set_backlog_cap = f"""
+            INSERT INTO {s}.backlog_caps AS c
+                (scope, max_pending, recount_interval, pending, counted_at)
+            VALUES ($1, $2, $3, (SELECT count(*) FROM {s}.outbox o WHERE o.scope = $1),
+                clock_timestamp())
+            ON CONFLICT (scope) DO UPDATE
+                SET max_pending = excluded.max_pending,
+                    recount_interval = excluded.recount_interval,
+                    pending = excluded.pending, counted_at = excluded.counted_at,
+                    updated_at = clock_timestamp()
+            RETURNING {BACKLOG_CAP_COLUMNS}"""
+        self.remove_backlog_cap = f"DELETE FROM {s}.backlog_caps WHERE scope = $1 RETURNING scope"
+        self.list_backlog_caps = f"{backlog_caps_select(s)} ORDER BY scope"
+        # The dispatchers' count of the capped scopes whose count is due, in one scan of the
+        # outbox: after they settle rows, the only way a full scope's count goes down without
+        # an operator (an emit refused for it counts nothing, its transaction being aborted).
+        # A cap an emit is counting is locked by it, and skipped. Nothing is read from the
+        # outbox when no count is due: ``counted`` is only read for a row being updated.
+        self.recount_backlog_caps = f"""
+            WITH due AS MATERIALIZED (
+                SELECT b.scope FROM {s}.backlog_caps b
+                WHERE b.counted_at IS NULL
+                    OR b.counted_at <= clock_timestamp() - b.recount_interval * interval '1 second'
+                FOR NO KEY UPDATE SKIP LOCKED
+            ),
+            counted AS MATERIALIZED (
+                SELECT o.scope, count(*) AS n FROM {s}.outbox o
+                WHERE o.scope IN (SELECT due.scope FROM due)
+                GROUP BY o.scope
+            )
+            UPDATE {s}.backlog_caps c
+            SET pending = coalesce(
+                    (SELECT counted.n FROM counted WHERE counted.scope = c.scope), 0),
+                counted_at = clock_timestamp()
+            FROM due WHERE c.scope = due.scope"""

@@ -140,9 +140,41 @@ class SettleSql(Statements):
             -- counted once.
             RETURNING b.trigger_id, b.open_until, b.state = 'open' AND b.opened_at = now()
                 AS just_opened, b.state = 'open' AS is_open"""
+        # A target's rate limit holds its whole trigger ($1 trigger ids, $2 seconds each), in
+        # every process: the claim leaves its rows alone until held_until, and its waiting
+        # rows move there now, so that claims do not scan past them meanwhile. A hold only
+        # ever grows. CTEs share one snapshot: `old` is the hold before this statement.
+        self.hold_rate_limited = f"""
+            WITH f AS (
+                SELECT * FROM unnest($1::bigint[], $2::float8[]) AS f(trigger_id, secs)
+            ),
+            old AS (
+                SELECT trigger_id, held_until FROM {s}.breakers
+                WHERE trigger_id = ANY($1::bigint[])
+            ),
+            h AS (
+                INSERT INTO {s}.breakers AS b (trigger_id, held_until)
+                SELECT trigger_id, clock_timestamp() + make_interval(secs => secs) FROM f
+                ON CONFLICT (trigger_id) DO UPDATE SET
+                    held_until = greatest(b.held_until, excluded.held_until),
+                    updated_at = clock_timestamp()
+                RETURNING b.trigger_id, b.held_until
+            ),
+            moved AS (
+                UPDATE {s}.outbox o SET due_at = h.held_until
+                FROM h
+                WHERE o.trigger_id = h.trigger_id AND o.lease_token IS NULL
+                    AND o.parked_at IS NULL AND o.due_at < h.held_until
+                RETURNING o.id
+            )
+            SELECT h.trigger_id, h.held_until,
+                old.held_until IS NULL OR old.held_until <= clock_timestamp() AS new_hold,
+                (SELECT count(*) FROM moved) AS moved
+            FROM h LEFT JOIN old USING (trigger_id)"""
         # Move an open breaker's waiting rows to its reopen time, so claims do not scan past
         # them while it is open: when it opens, and again when rows that were running at
-        # that moment come back as failures (they were leased, so the first move left them).
+        # that moment come back as failures, or rows a process held back for it come back
+        # unrun (they were leased, so the first move left them).
         self.hold_behind_breaker = f"""
             UPDATE {s}.outbox o SET due_at = b.open_until
             FROM {s}.breakers b
@@ -232,9 +264,17 @@ class SettleSql(Statements):
                 (SELECT count(*) FROM (
                     SELECT pg_notify('{self.channel}', '') FROM handlers LIMIT 1) AS w)
                     AS notified"""
-        # Dead-letter-handler rows: delete the row, then mark the dead letter. "handled"
-        # may overwrite an earlier "handler_failed" from another handler; nothing overwrites
-        # an operator's decision (replayed, discarded).
+        # Dead-letter-handler rows: delete the row, then record each handler's outcome on
+        # its dead letter (which handler, from the deleted row; success or the error) and
+        # set the resolution. Any failure makes it "handler_failed" and a success never
+        # lifts that, so the result is the same whichever handler settles first; a failure
+        # after a success turns "handled" into "handler_failed". Nothing overwrites an
+        # operator's decision (replayed, discarded), though the outcome is still recorded.
+        # Outcomes are grouped per dead letter first: an UPDATE ... FROM applies only one
+        # joined row per target row, so two handlers settling in one batch would otherwise
+        # lose one. Every decision is made in the SET, from the row being updated: a
+        # concurrent settle in another process waits for the row lock and then works from
+        # the version that one committed (READ COMMITTED re-evaluates the SET on it).
         self.resolve_dead_letter_fenced = f"""
             WITH f AS (
                 SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::bigint[], $4::text[],
@@ -243,16 +283,37 @@ class SettleSql(Statements):
             d AS (
                 DELETE FROM {s}.outbox o USING f
                 WHERE o.id = f.id AND o.lease_token = f.token
-                RETURNING f.*
+                RETURNING f.*, o.trigger_id, o.trigger_name
+            ),
+            g AS (
+                SELECT dead_letter_id,
+                    bool_or(resolution = 'handler_failed') AS failed,
+                    (array_agg(note ORDER BY id DESC)
+                        FILTER (WHERE resolution = 'handler_failed'))[1] AS note,
+                    jsonb_agg(jsonb_build_object('trigger_id', trigger_id,
+                        'trigger', trigger_name, 'outcome', resolution, 'error', note,
+                        'at', clock_timestamp()) ORDER BY id) AS outcomes
+                FROM d
+                GROUP BY dead_letter_id
             ),
             u AS (
                 UPDATE {s}.dead_letters dl
-                SET resolution = d.resolution, resolution_note = d.note,
-                    resolved_at = clock_timestamp()
-                FROM d
-                WHERE dl.id = d.dead_letter_id
-                    AND (dl.resolution = 'open'
-                         OR (dl.resolution = 'handler_failed' AND d.resolution = 'handled'))
+                SET handler_outcomes = dl.handler_outcomes || g.outcomes,
+                    resolution = CASE
+                        WHEN dl.resolution IN ('replayed', 'discarded') THEN dl.resolution
+                        WHEN g.failed OR dl.resolution = 'handler_failed'
+                            THEN 'handler_failed'
+                        ELSE 'handled' END,
+                    resolution_note = CASE
+                        WHEN g.failed AND dl.resolution IN ('open', 'handled', 'handler_failed')
+                            THEN g.note
+                        ELSE dl.resolution_note END,
+                    resolved_at = CASE
+                        WHEN dl.resolution = 'open' OR (dl.resolution = 'handled' AND g.failed)
+                            THEN clock_timestamp()
+                        ELSE dl.resolved_at END
+                FROM g
+                WHERE dl.id = g.dead_letter_id
                 RETURNING dl.id
             )
             SELECT (SELECT coalesce(array_agg(id), '{{}}') FROM d) AS deleted,

@@ -319,7 +319,7 @@ def _poison(kind: str) -> object:
         case "permanent":
             raise PermanentError("nul\x00 and \ud800 in a permanent error")
         case "rate_huge":
-            # Past what a timestamp can hold: clamped, then past the event-age bound.
+            # Past what a timestamp can hold: cut to max_retry_after, the row kept.
             raise RateLimited(1e13)
         case "fail":
             raise RuntimeError("fails on every attempt")

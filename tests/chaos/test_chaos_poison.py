@@ -225,6 +225,8 @@ async def test_poison_in_the_outbox_itself_stops_no_dispatcher(chaos: Harness, s
     fast = RetryPolicy(base_delay=0.05, max_delay=0.1, max_attempts=2)
     healthy = await chaos.trigger("healthy", "work", namespace="orders", retry=fast)
     poison = await chaos.trigger("poison", "poison", namespace="poison", retry=fast)
+    # Its own trigger: a rate limit holds the whole trigger until the (clamped) Retry-After.
+    await chaos.trigger("rate", "poison", namespace="rate", retry=fast)
     # Accepted, clamped to ten years: the row waits, the settlement does not fail.
     await chaos.trigger(
         "far", "poison", namespace="far", retry=RetryPolicy(base_delay=1e13, max_delay=1e13)
@@ -244,10 +246,7 @@ async def test_poison_in_the_outbox_itself_stops_no_dispatcher(chaos: Harness, s
         )
     n = size.copies
     rows = [
-        *(
-            Mutation("acme", "poison", f"rate/{i}", Op.PUT, {"poison": "rate_huge"})
-            for i in range(n)
-        ),
+        *(Mutation("acme", "rate", f"rate/{i}", Op.PUT, {"poison": "rate_huge"}) for i in range(n)),
         *(Mutation("acme", "poison", f"u/{i}", Op.PUT, {"poison": "fail"}) for i in range(n)),
         *(Mutation("acme", "orders", f"deep/{i}", Op.PUT, {}) for i in range(n)),
     ]
@@ -274,8 +273,9 @@ async def test_poison_in_the_outbox_itself_stops_no_dispatcher(chaos: Harness, s
     await chaos.wait_ready(proc)
 
     async def only_far_left() -> bool:
+        # The far rows, and the rate-limited ones waiting out their clamped Retry-After.
         proc.assert_alive()
-        return await chaos.outbox_count() == n
+        return await chaos.outbox_count() == 2 * n
 
     await wait_until(only_far_left, within=120, what="everything but the far rows to settle")
     after = [Mutation("acme", "orders", f"after/{i}", Op.PUT, {}) for i in range(50)]
@@ -291,9 +291,15 @@ async def test_poison_in_the_outbox_itself_stops_no_dispatcher(chaos: Harness, s
                extract(epoch FROM due_at - clock_timestamp()) / 86400 / 365 AS years
            FROM dispatcher.outbox"""
     )
-    assert {r["key"] for r in waits} == {m.key for m in far_rows}
-    assert all(r["attempts"] == 1 and r["lease_token"] is None for r in waits)
-    assert all(7 < r["years"] <= 10 for r in waits), [r["years"] for r in waits]
+    far = [r for r in waits if r["key"].startswith("far/")]
+    limited = [r for r in waits if r["key"].startswith("rate/")]
+    assert {r["key"] for r in far} == {m.key for m in far_rows}
+    assert all(r["attempts"] == 1 and r["lease_token"] is None for r in far)
+    assert all(7 < r["years"] <= 10 for r in far), [r["years"] for r in far]
+    # RateLimited(1e13) is cut to max_retry_after (5 minutes): kept, no attempt used.
+    assert len(limited) == n
+    assert all(r["attempts"] == 0 and r["lease_token"] is None for r in limited)
+    assert all(0 < r["years"] * 365 * 86400 <= 300 for r in limited)
     # An operator discards them; the checker then expects only the others.
     await chaos.fetch("DELETE FROM dispatcher.outbox RETURNING id")
 
@@ -303,8 +309,8 @@ async def test_poison_in_the_outbox_itself_stops_no_dispatcher(chaos: Harness, s
         payload = json.loads(d["payload"])
         key = str(payload.get("key", "deep/?")).split("/")[0]
         reasons.setdefault(key, set()).add(d["reason"])
-    assert reasons == {"rate": {"expired"}, "u": {"unstorable"}, "deep": {"undecodable"}}, reasons
-    assert len(dead) == 3 * n
+    assert reasons == {"u": {"unstorable"}, "deep": {"undecodable"}}, reasons
+    assert len(dead) == 2 * n
     report = await chaos.check(expected_pairs([healthy, poison], [*mixed, *after]))
     report.assert_ok(max_duplicates=0)
     record(
@@ -313,7 +319,8 @@ async def test_poison_in_the_outbox_itself_stops_no_dispatcher(chaos: Harness, s
         corrupted_rows=n,
         unstorable_rows=n,
         huge_rate_limits=n,
-        far_rows_kept=len(waits),
+        far_rows_kept=len(far),
+        rate_limited_rows_kept=len(limited),
         healthy_rows=len(healthy_rows) + len(after),
         dead_letters=len(dead),
         dispatcher_pid_unchanged=True,

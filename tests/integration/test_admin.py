@@ -118,6 +118,16 @@ FILTERS: list[tuple[str, Build, str]] = [
         "ae",
     ),
     ("no match", lambda ids, now: DeadLetterFilter(scope="initech"), ""),
+    (
+        "for trigger scope/name",
+        lambda ids, now: DeadLetterFilter().for_trigger(("globex", "welcome")),
+        "d",
+    ),
+    (
+        "for trigger id",
+        lambda ids, now: DeadLetterFilter(reason="timeout").for_trigger(ids["welcome"]),  # type: ignore[arg-type]
+        "b",
+    ),
 ]
 
 
@@ -128,6 +138,42 @@ async def test_list_dead_letters_by_each_filter(
     ids = await seed_mix(conn)
     found = await ADMIN.list_dead_letters(conn, build(ids, await db_now(conn)))
     assert [d.id for d in found] == sorted((ids[k] for k in expected), reverse=True)
+
+
+@pytest.mark.parametrize(
+    ("letters", "message"),
+    [
+        (DeadLetterFilter(trigger="sync-crm"), "no trigger 'sync-crm'"),
+        (DeadLetterFilter().for_trigger(("acme", "sync-crm")), "no trigger 'acme/sync-crm'"),
+        (DeadLetterFilter(scope="initech", trigger="welcome"), "no trigger 'initech/welcome'"),
+        (DeadLetterFilter(trigger_id=424242), "no trigger 424242"),
+    ],
+)
+async def test_a_filter_naming_an_unknown_trigger_raises(
+    conn: asyncpg.Connection, letters: DeadLetterFilter, message: str
+) -> None:
+    await seed_mix(conn)
+    for action in (
+        ADMIN.list_dead_letters(conn, letters),
+        ADMIN.replay(conn, letters),
+        ADMIN.discard(conn, letters),
+    ):
+        with pytest.raises(TriggerNotFound) as caught:
+            await action
+        assert str(caught.value) == message
+    # Known but selecting nothing is not an error.
+    await add_trigger(conn, "sync-crm")
+    assert await ADMIN.list_dead_letters(conn, DeadLetterFilter(trigger="sync-crm")) == []
+
+
+def test_for_trigger_refuses_a_filter_naming_another_trigger() -> None:
+    with pytest.raises(InvalidInput, match="already names scope 'globex'"):
+        DeadLetterFilter(scope="globex").for_trigger(("acme", "welcome"))
+    with pytest.raises(InvalidInput, match="already names trigger id 3"):
+        DeadLetterFilter(trigger_id=3).for_trigger(4)
+    assert DeadLetterFilter(scope="acme").for_trigger(("acme", "w")) == DeadLetterFilter(
+        scope="acme", trigger="w"
+    )
 
 
 async def test_list_fields_and_limit(conn: asyncpg.Connection) -> None:

@@ -237,7 +237,9 @@ async def test_names_print_as_they_are(dsn: str, conn: asyncpg.Connection) -> No
 LIST_FILTERS: list[tuple[list[str], str]] = [
     ([], "gcba"),
     (["--scope", "acme"], "cba"),
-    (["--trigger", "billing"], "c"),
+    (["--trigger", "acme/billing"], "c"),
+    (["--trigger", "acme/welcome"], "ba"),
+    (["--scope", "acme", "--trigger", "acme/welcome", "--reason", "timeout"], "b"),
     (["--reason", "timeout"], "b"),
     (["--resolution", "handler_failed"], "g"),
     (["--since", "5h"], "a"),
@@ -254,6 +256,60 @@ async def test_dead_letters_list_filters(
     ids = await seed(conn)
     found = await ok_json("dead-letters", "list", "--dsn", dsn, *args)
     assert [d["id"] for d in found] == [ids[k] for k in expected]
+
+
+async def test_dead_letters_trigger_is_an_id_or_scope_and_name(
+    dsn: str, conn: asyncpg.Connection
+) -> None:
+    ids = await seed(conn)
+    by_id = await ok_json("dead-letters", "list", "--dsn", dsn, "--trigger", str(ids["welcome"]))
+    assert [d["id"] for d in by_id] == [ids["g"], ids["b"], ids["a"]]
+    by_name = await ok_json("dead-letters", "list", "--dsn", dsn, "--trigger", "globex/welcome")
+    assert [d["id"] for d in by_name] == [ids["g"]]
+    # A trigger that exists but has no dead letters selects none; that is not an error.
+    await add_trigger(conn, "sync-crm")
+    assert await ok_json("dead-letters", "list", "--dsn", dsn, "--trigger", "acme/sync-crm") == []
+    # A deleted trigger's letters keep its id and name, so it can still be named.
+    await conn.execute("DELETE FROM dispatcher.triggers WHERE id = $1", ids["billing"])
+    gone = await ok_json("dead-letters", "list", "--dsn", dsn, "--trigger", str(ids["billing"]))
+    assert [d["id"] for d in gone] == [ids["c"]]
+
+
+@pytest.mark.parametrize("command", ["list", "replay", "discard"])
+@pytest.mark.parametrize(
+    ("trigger", "message"),
+    [
+        ("acme/sync-crm", "Error: no trigger 'acme/sync-crm'"),
+        ("globex/billing", "Error: no trigger 'globex/billing'"),
+        ("424242", "Error: no trigger 424242"),
+    ],
+)
+async def test_dead_letters_unknown_trigger_is_an_error(
+    dsn: str, conn: asyncpg.Connection, command: str, trigger: str, message: str
+) -> None:
+    await seed(conn)
+    before = await rows(conn, "dead_letters")
+    line = assert_error(await run("dead-letters", command, "--dsn", dsn, "--trigger", trigger))
+    assert line == message
+    assert await rows(conn, "dead_letters") == before
+
+
+async def test_dead_letters_trigger_refuses_a_bare_name_and_a_second_scope(dsn: str) -> None:
+    assert_error(
+        await run("dead-letters", "list", "--dsn", dsn, "--trigger", "welcome"),
+        code=2,
+        contains="'welcome': expected a trigger id (e.g. 7) or SCOPE/NAME",
+    )
+    line = assert_error(
+        await run("dead-letters", "list", "--dsn", dsn, "--scope", "globex", "--trigger", "acme/x")
+    )
+    assert line == "Error: invalid trigger='acme/x': the filter already names scope 'globex'"
+
+
+async def test_dead_letters_show_a_negative_id(dsn: str) -> None:
+    for bad in ("-1", "0"):
+        line = assert_error(await run("dead-letters", "show", "--dsn", dsn, bad))
+        assert line == f"Error: no dead letter with id {bad}: dead-letter ids are positive"
 
 
 async def test_dead_letters_list_by_trigger_id_and_iso_moments(
@@ -381,10 +437,11 @@ async def test_replay_unknown_id(dsn: str, conn: asyncpg.Connection) -> None:
 async def test_discard(dsn: str, conn: asyncpg.Connection) -> None:
     ids = await seed(conn)
     before = await rows(conn, "dead_letters")
-    out = await ok("dead-letters", "discard", "--dsn", dsn, "--trigger", "welcome", "--dry-run")
+    welcome = str(ids["welcome"])
+    out = await ok("dead-letters", "discard", "--dsn", dsn, "--trigger", welcome, "--dry-run")
     assert out.stdout.strip() == "dry run: would discard 3 dead letter(s)"
     assert await rows(conn, "dead_letters") == before
-    out = await ok("dead-letters", "discard", "--dsn", dsn, "--trigger", "welcome")
+    out = await ok("dead-letters", "discard", "--dsn", dsn, "--trigger", welcome)
     assert out.stdout.strip() == "discarded 3"
     resolutions = dict(await conn.fetch("SELECT id, resolution FROM dispatcher.dead_letters"))
     assert resolutions == {

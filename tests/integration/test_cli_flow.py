@@ -394,7 +394,7 @@ async def test_breakers_list_and_reset(dsn: str, conn: asyncpg.Connection) -> No
     ]
     assert set(found[0]) == {
         "trigger_id", "scope", "trigger_name", "state", "failures", "open_until", "probe_id",
-        "opened_count", "updated_at",
+        "opened_count", "updated_at", "held_until",
     }  # fmt: skip
     assert (found[0]["probe_id"], found[0]["open_until"]) == (probe, None)
     assert (found[2]["opened_count"], found[2]["open_until"] is not None) == (2, True)

@@ -201,9 +201,10 @@ async def test_a_huge_retry_after_does_not_stall_settlement(
     assert len(seen) == 101, "each row ran once"
     assert stats.succeeded == 100
     assert stats.db_errors == 0
-    # Clamped to a storable wait, which is past the event-age bound for rate limits.
-    dead = await conn.fetchrow("SELECT payload->>'key' AS key, reason FROM dispatcher.dead_letters")
-    assert (dead["key"], dead["reason"]) == ("users/poison", "expired")
+    # Clamped to max_retry_after (the row is kept, no attempt used), not dead-lettered.
+    assert await conn.fetchval("SELECT count(*) FROM dispatcher.dead_letters") == 0
+    row = await conn.fetchrow("SELECT payload->>'key' AS key, attempts FROM dispatcher.outbox")
+    assert (row["key"], row["attempts"]) == ("users/poison", 0)
 
 
 async def test_a_huge_backoff_is_clamped_to_a_storable_delay(

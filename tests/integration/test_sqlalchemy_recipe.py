@@ -114,7 +114,7 @@ async def test_emitting_before_sqlalchemy_begins_is_refused(
 ) -> None:
     # The README's old form, emitting first, then failing: the emit is refused instead of
     # committing a row the host's rollback cannot reach.
-    with pytest.raises(TransactionRequired, match="emit needs a connection inside a trans"):
+    with pytest.raises(TransactionRequired, match="emit must run inside your transaction"):
         await run("from sqlalchemy import text\n" + OLD_RECIPE, engine)
     assert await state(conn) == ("free", [])
 

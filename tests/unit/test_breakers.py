@@ -11,8 +11,10 @@ import pytest
 from dispatcher.core.breakers import (
     BREAKER_KINDS,
     BreakerEffect,
+    LocalBreakers,
     breaker_effect,
     is_breaker_kind,
+    rate_limit_holds,
     trailing_failures,
 )
 from dispatcher.core.models import RetryPolicy
@@ -218,3 +220,141 @@ def test_trailing_failures(steps: list[Step], expected: dict[int, int]) -> None:
         for i, (trigger_id, outcome, applied, shape) in enumerate(steps, start=1)
     ]
     assert trailing_failures(settled) == expected
+
+
+def test_rate_limit_holds_take_the_longest_retry_after_per_trigger() -> None:
+    settled = [
+        (make_row(row_id=1, trigger_id=3), Reschedule(2.0, FailureKind.RATE_LIMITED), True),
+        (make_row(row_id=2, trigger_id=3), Reschedule(5.0, FailureKind.RATE_LIMITED), True),
+        (make_row(row_id=3, trigger_id=3), Reschedule(9.0, FailureKind.RATE_LIMITED), False),
+        (make_row(row_id=4, trigger_id=4), Reschedule(7.0, FailureKind.GATE_SATURATED), True),
+        (make_row(row_id=5, trigger_id=5), HE, True),
+    ]
+    assert rate_limit_holds(settled) == {3: 5.0}
+
+
+# --- The process-local view (LocalBreakers) ---
+
+THRESHOLD = 3
+FULL = 400
+HOLD = 0.1
+
+
+def view() -> LocalBreakers:
+    return LocalBreakers(threshold=THRESHOLD, full=FULL, hold_delay=HOLD)
+
+
+def test_local_view_holds_a_trigger_at_the_threshold_until_its_failures_are_settled() -> None:
+    v = view()
+    row = make_row(trigger_id=3)
+    for seq in (1, 2):
+        v.observe(row, HE, seq=seq, now=0.0)
+        assert v.wait(3, now=0.0, applied=0) is None  # below the threshold: cautious only
+    assert v.held(now=0.0, applied=0) == []
+    v.observe(row, HE, seq=3, now=0.0)
+    assert v.wait(3, now=0.0, applied=0) == HOLD
+    assert v.held(now=0.0, applied=2) == [3]  # the tripping failure is not written yet
+    v.observe(row, TO_DEAD, seq=4, now=0.0)  # one more: held until that one is written too
+    assert v.held(now=0.0, applied=3) == [3]
+    # Written: the shared breaker decides now. Still cautious: one row at a time.
+    assert v.held(now=0.0, applied=4) == []
+    assert v.wait(3, now=0.0, applied=4) is None
+    v.started(3)
+    assert v.wait(3, now=0.0, applied=4) == 0.0
+    assert v.held(now=0.0, applied=4) == [3]
+    v.ended(3)
+    assert v.wait(3, now=0.0, applied=4) is None
+    assert v.wait(4, now=0.0, applied=0) is None  # other triggers are not concerned
+
+
+def test_local_view_window_halves_on_failures_and_doubles_back_on_successes() -> None:
+    v = view()
+    row = make_row(trigger_id=3)
+    v.observe(row, HE, seq=1, now=0.0)  # window 200
+    for _ in range(200):
+        v.started(3)
+    assert v.wait(3, now=0.0, applied=1) == 0.0
+    v.ended(3)
+    assert v.wait(3, now=0.0, applied=1) is None
+    v.observe(row, OK, seq=2, now=0.0)  # 400: back to no limit, and forgotten
+    for _ in range(1000):
+        v.started(3)
+    assert v.wait(3, now=0.0, applied=2) is None
+    assert v.held(now=0.0, applied=2) == []
+
+
+def test_local_view_a_success_ends_the_hold_and_the_run_of_failures() -> None:
+    v = view()
+    row = make_row(trigger_id=3)
+    for seq in (1, 2, 3):
+        v.observe(row, HE, seq=seq, now=0.0)
+    assert v.held(now=0.0, applied=0) == [3]
+    v.observe(row, OK, seq=4, now=0.0)  # window 1 -> 2, not held
+    assert v.held(now=0.0, applied=0) == []
+    # The run starts again from zero: two more failures do not trip it.
+    v.observe(row, HE, seq=5, now=0.0)
+    v.observe(row, HE, seq=6, now=0.0)
+    assert v.wait(3, now=0.0, applied=0) is None
+
+
+def test_local_view_slow_start_after_a_trip() -> None:
+    v = view()
+    row = make_row(trigger_id=3)
+    for seq in (1, 2, 3):
+        v.observe(row, HE, seq=seq, now=0.0)
+    windows = []
+    for seq in range(4, 13):
+        running = 0
+        while v.wait(3, now=0.0, applied=seq) is None and running <= FULL:
+            v.started(3)
+            running += 1
+        windows.append(running)
+        for _ in range(running):
+            v.ended(3)
+        v.observe(row, OK, seq=seq, now=0.0)
+    assert windows == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    # 512 >= 400: no limit any more, and the trigger is forgotten.
+    for _ in range(FULL + 1):
+        v.started(3)
+    assert v.wait(3, now=0.0, applied=99) is None
+    assert v.held(now=0.0, applied=99) == []
+
+
+def test_local_view_rate_limit_holds_until_retry_after() -> None:
+    v = view()
+    v.observe(make_row(trigger_id=3), Reschedule(2.0, FailureKind.RATE_LIMITED), seq=1, now=10.0)
+    assert v.wait(3, now=10.5, applied=0) == 1.5
+    assert v.held(now=11.9, applied=0) == [3]
+    assert v.held(now=12.0, applied=0) == []
+    assert v.wait(3, now=12.0, applied=0) is None
+
+
+@pytest.mark.parametrize(
+    ("outcome", "shape"),
+    [
+        (HE, "sync"),
+        (HE, "handler"),
+        (PERM, "async"),
+        (Reschedule(0.05, FailureKind.GATE_SATURATED), "async"),
+        (Release(), "async"),
+        (SkipDepth(9, 8), "async"),
+    ],
+)
+def test_local_view_ignores_what_says_nothing_about_the_target(
+    outcome: Outcome, shape: Shape
+) -> None:
+    v = view()
+    for seq in range(1, 10):
+        v.observe(make_row(shape, trigger_id=3), outcome, seq=seq, now=0.0)
+    assert v.held(now=0.0, applied=0) == []
+    assert v.wait(3, now=0.0, applied=0) is None
+
+
+def test_local_view_threshold_zero_never_holds_for_failures() -> None:
+    v = LocalBreakers(threshold=0, full=FULL, hold_delay=HOLD)
+    for seq in range(1, 10):
+        v.observe(make_row(trigger_id=3), HE, seq=seq, now=0.0)
+    assert v.held(now=0.0, applied=0) == []
+    # Rate limits still hold.
+    v.observe(make_row(trigger_id=3), RATE, seq=10, now=0.0)
+    assert v.held(now=0.0, applied=0) == [3]

@@ -38,6 +38,7 @@ from dispatcher.core.routing import (
     UNAVAILABLE_MIN_DELAY,
     admit,
     http_status,
+    retry_after_clamped,
     route,
 )
 
@@ -381,6 +382,24 @@ ASYNC_CASES: list[tuple[str, ClaimedRow, ExecutionResult, Outcome]] = [
         for value in (None, math.nan)
     ],
     (
+        "rate limited with a retry_after past the cap waits the cap",
+        make_row(),
+        fail(RL, retry_after=10 * 86_400.0),
+        Reschedule(LIMITS.max_retry_after, RL, err(1, RL)),
+    ),
+    (
+        "rate limited with a clamped retry_after past the age bound expires",
+        make_row(age=800.0),
+        fail(RL, retry_after=10 * 86_400.0),
+        DeadLetter(R.EXPIRED, 0, err(1, RL)),
+    ),
+    (
+        "rate limited with a clamped retry_after past max_event_age expires",
+        make_row(policy=AGED),
+        fail(RL, retry_after=10 * 86_400.0),
+        DeadLetter(R.EXPIRED, 0, err(1, RL)),
+    ),
+    (
         "rate limited up to max_event_age reschedules",
         make_row(policy=AGED, age=50.0),
         fail(RL, retry_after=10.0),
@@ -678,6 +697,10 @@ def test_delays_are_finite_and_bounded(row: ClaimedRow, result: ExecutionResult,
             assert row.age + outcome.delay <= bound
         if outcome.kind is UA:
             assert outcome.delay >= UNAVAILABLE_MIN_DELAY
+        if isinstance(result, Failure) and result.retry_after is not None:
+            usable = math.isfinite(result.retry_after) and result.retry_after > 0
+            if outcome.kind is RL and usable:
+                assert outcome.delay <= LIMITS.max_retry_after
 
 
 @PROPERTY
@@ -710,3 +733,23 @@ def test_route_is_deterministic_and_messages_are_storable(
     for text in texts:
         assert "\x00" not in text
         text.encode("utf-8")
+
+
+@pytest.mark.parametrize(
+    ("shape", "result", "clamped"),
+    [
+        ("async", fail(RL, retry_after=LIMITS.max_retry_after + 1), True),
+        ("async", fail(RL, retry_after=LIMITS.max_retry_after), False),
+        ("async", fail(RL, retry_after=math.inf), False),  # no usable value: backoff
+        ("async", fail(RL, retry_after=math.nan), False),
+        ("async", fail(RL), False),
+        ("async", fail(HE), False),
+        ("async", Success(), False),
+        ("sync", fail(RL, retry_after=LIMITS.max_retry_after + 1), False),
+        ("handler", fail(RL, retry_after=LIMITS.max_retry_after + 1), False),
+    ],
+)
+def test_retry_after_clamped_says_when_routing_cuts_it(
+    shape: Shape, result: ExecutionResult, clamped: bool
+) -> None:
+    assert retry_after_clamped(make_row(shape), result, LIMITS) is clamped

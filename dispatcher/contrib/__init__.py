@@ -1,0 +1,2 @@
+"""Integrations with web frameworks, each behind its own extra (``pip install
+'dispatcher[django]'`` for :mod:`dispatcher.contrib.django`)."""
