@@ -28,7 +28,7 @@ from dispatcher import (
     TriggerRegistry,
     emit_many,
 )
-from dispatcher.runtime.handlers import _classify
+from dispatcher.runtime.failures import classify
 
 APP = "kv-faults"
 # One attempt and a breaker that opens on the first counted failure: a fault charged to the
@@ -262,13 +262,13 @@ UA = FailureKind.UNAVAILABLE
 def test_classification_finds_the_store_fault_down_the_chain(
     exc: BaseException, kind: FailureKind
 ) -> None:
-    assert _classify(exc).kind is kind
+    assert classify(exc).kind is kind
 
 
 def test_an_explicit_classification_wins_over_the_store_fault() -> None:
     with pytest.raises(PermanentError) as raised:
         raise PermanentError("bad input") from StoreUnavailable("db down")
-    assert _classify(raised.value).kind is FailureKind.PERMANENT
+    assert classify(raised.value).kind is FailureKind.PERMANENT
 
 
 async def _breaker_failures(conn: asyncpg.Connection, trigger_id: int) -> int:
