@@ -231,12 +231,14 @@ def django_database(dsn: str) -> Iterator[None]:
     from django.db import connections
 
     parts = make_url(dsn)
+    # A socket directory comes as ?host=… (the embedded server's DSN), not in the authority.
+    host = parts.query.get("host", "")
     connections.settings["default"].update(
         NAME=parts.database,
         USER=parts.username or "",
         PASSWORD=parts.password or "",
-        HOST=parts.host or "",
-        PORT=str(parts.port or ""),
+        HOST=parts.host or (host if isinstance(host, str) else host[0]),
+        PORT=str(parts.port or parts.query.get("port", "")),
     )
     try:
         yield

@@ -1,216 +1,28 @@
-"""Flow control an operator drives: pause and resume, parked rows, circuit breakers, backlog
-caps.
-
-Pauses and breakers live in Postgres, so every dispatcher process honours them. Nothing is
-dropped: paused, held and parked rows stay in the outbox with their attempt counts. A backlog
-cap refuses new rows for a scope (every producer's emit raises
-:class:`~dispatcher.BacklogFull`) while the scope's pending rows are at the cap; it never
-touches rows already queued.
-
->>> flow = FlowControl()
->>> await flow.pause(conn, scope="acme", note="upstream maintenance")
->>> await flow.resume(conn, scope="acme")
->>> await flow.unpark(conn, trigger_id=7, limit=500)
->>> await flow.set_backlog_cap(conn, "acme", 50_000)
-
-An operator names a trigger by id or as ``SCOPE/NAME``: :func:`parse_trigger_ref` reads that,
-:meth:`FlowControl.trigger_id` resolves it.
-"""
+"""``FlowControl``: the operator's flow-control actions, each one statement of
+:mod:`dispatcher.sql.flow` (pauses, parked rows, circuit breakers, backlog caps)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import re
 from dataclasses import dataclass
-from datetime import datetime
-from typing import TypeAlias
 
-from dispatcher.core.errors import DispatcherError, InvalidInput, TriggerNotFound
-from dispatcher.core.models import JsonValue, check_name
-from dispatcher.core.validate import is_int, is_number
+from dispatcher.core.errors import TriggerNotFound
+from dispatcher.core.models import check_name
 from dispatcher.db import Connection
-from dispatcher.names import DEFAULT_SCHEMA, MAX_RECOUNT_INTERVAL
+from dispatcher.flow.backlog_caps import DEFAULT_RECOUNT_INTERVAL, BacklogCap, check_backlog_cap
+from dispatcher.flow.rows import Breaker, ParkedRow, ParkedSummary, Pause, _check_limit
+from dispatcher.flow.targets import (
+    NoBreaker,
+    NotPaused,
+    TriggerRef,
+    _check_target,
+    _target_text,
+)
+from dispatcher.names import DEFAULT_SCHEMA
 from dispatcher.records import from_columns
 from dispatcher.sql import queries
 from dispatcher.triggers import TriggerRegistry
-
-MAX_UNPARK_BATCH = 10_000
-# The largest backlog cap (the column is a bigint).
-MAX_BACKLOG_CAP = 2**63 - 1
-DEFAULT_RECOUNT_INTERVAL = 1.0
-
-# A trigger as an operator names it: its id, or (scope, name).
-TriggerRef: TypeAlias = int | tuple[str, str]
-
-_BIGINT_MAX = 2**63 - 1
-_DIGITS = re.compile(r"[0-9]+")
-
-
-class NotPaused(DispatcherError, LookupError):
-    """:meth:`FlowControl.resume_target` found no pause on its target."""
-
-
-class NoBreaker(DispatcherError, LookupError):
-    """:meth:`FlowControl.reset_breaker_of` found no breaker for the trigger."""
-
-
-def parse_trigger_ref(text: str) -> TriggerRef:
-    """A trigger id (``7``) or ``SCOPE/NAME`` (split at the first ``/``).
-
-    >>> parse_trigger_ref("acme/welcome")
-    ('acme', 'welcome')
-    """
-    stripped = text.strip()
-    if _DIGITS.fullmatch(stripped):
-        # Length first: int() of thousands of digits raises, and no id has over 19.
-        if len(stripped.lstrip("0")) <= 19 and 1 <= int(stripped) <= _BIGINT_MAX:
-            return int(stripped)
-    else:
-        scope, _, name = stripped.partition("/")
-        if scope and name:
-            return scope, name
-    raise InvalidInput(
-        "trigger", text, "expected a trigger id (e.g. 7) or SCOPE/NAME (e.g. acme/welcome)"
-    )
-
-
-def _target_text(scope: str | None, trigger_id: int | None, trigger_name: str | None) -> str:
-    if trigger_id is not None:
-        return f"trigger {trigger_id}" + (f" ({trigger_name})" if trigger_name else "")
-    if scope is not None:
-        return f"scope {scope}"
-    return "everything"
-
-
-@dataclass(frozen=True, slots=True)
-class Pause:
-    id: int
-    scope: str | None
-    trigger_id: int | None
-    trigger_name: str | None
-    note: str | None
-    paused_at: datetime
-
-    @property
-    def target(self) -> str:
-        return _target_text(self.scope, self.trigger_id, self.trigger_name)
-
-
-@dataclass(frozen=True, slots=True)
-class ParkedRow:
-    id: int
-    event_id: str
-    trigger_id: int
-    scope: str
-    trigger_name: str
-    attempts: int
-    parked_at: datetime
-    reason: str | None
-    last_error: JsonValue
-
-
-@dataclass(frozen=True, slots=True)
-class ParkedSummary:
-    trigger_id: int
-    scope: str
-    trigger_name: str
-    reason: str | None
-    rows: int
-
-
-@dataclass(frozen=True, slots=True)
-class Breaker:
-    """A trigger's shared flow state: its circuit breaker (``state``, ``failures``,
-    ``open_until``, the half-open ``probe_id``) and, while a target's rate limit holds every
-    row of the trigger, ``held_until`` (None when not held)."""
-
-    trigger_id: int
-    scope: str | None
-    trigger_name: str | None
-    state: str
-    failures: int
-    open_until: datetime | None
-    probe_id: int | None
-    opened_count: int
-    updated_at: datetime
-    held_until: datetime | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class BacklogCap:
-    """A scope's cap on its pending outbox rows.
-
-    ``pending`` is the scope's rows as counted at ``counted_at`` (None: not counted yet);
-    an emit counts again once that is older than ``recount_interval`` seconds, and so do
-    the dispatchers after they settle rows. An emit is refused while ``pending`` plus its
-    rows would pass ``max_pending``.
-    """
-
-    scope: str
-    max_pending: int
-    pending: int
-    counted_at: datetime | None
-    recount_interval: float
-    updated_at: datetime
-
-
-def check_backlog_cap(max_pending: object, recount_interval: object) -> tuple[int, float]:
-    """``max_pending`` and ``recount_interval`` as a cap takes them, or
-    :class:`~dispatcher.InvalidInput` naming the one out of bounds."""
-    if not is_int(max_pending) or not 1 <= max_pending <= MAX_BACKLOG_CAP:
-        raise InvalidInput(
-            "max_pending", max_pending, f"must be an integer from 1 to {MAX_BACKLOG_CAP}"
-        )
-    # The comparison is false for NaN, so NaN is refused too.
-    if not is_number(recount_interval) or not 0 < recount_interval <= MAX_RECOUNT_INTERVAL:
-        raise InvalidInput(
-            "recount_interval",
-            recount_interval,
-            f"must be a number of seconds above 0 and at most {MAX_RECOUNT_INTERVAL:.0f}",
-        )
-    return max_pending, float(recount_interval)
-
-
-def parse_max_pending(text: str) -> int:
-    """A backlog cap as an operator types it: a positive integer (``_`` separators allowed).
-
-    >>> parse_max_pending("50_000")
-    50000
-    """
-    stripped = text.strip()
-    # Length first: int() of thousands of digits raises.
-    if len(stripped) > 40 or not re.fullmatch(r"[0-9][0-9_]*", stripped):
-        raise InvalidInput(
-            "max_pending", text, f"expected an integer from 1 to {MAX_BACKLOG_CAP}, e.g. 50000"
-        )
-    return check_backlog_cap(int(stripped), DEFAULT_RECOUNT_INTERVAL)[0]
-
-
-def parse_recount_interval(text: str) -> float:
-    """A recount interval as an operator types it: seconds, a number above 0.
-
-    >>> parse_recount_interval("0.5")
-    0.5
-    """
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise InvalidInput(
-            "recount_interval", text, "expected a number of seconds, e.g. 1 or 0.5"
-        ) from None
-    return check_backlog_cap(1, seconds)[1]
-
-
-def _check_target(scope: str | None, trigger_id: int | None, *, everything: bool) -> None:
-    if scope is not None:
-        check_name("scope", scope)
-    if trigger_id is not None and (not is_int(trigger_id)):
-        raise InvalidInput("trigger_id", trigger_id, "must be an integer trigger id")
-    if scope is not None and trigger_id is not None:
-        raise InvalidInput("scope", scope, "give a scope or a trigger, not both")
-    if scope is None and trigger_id is None and not everything:
-        raise InvalidInput("target", None, "give a scope or a trigger (or everything=True)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -450,8 +262,3 @@ class FlowControl:
             with contextlib.suppress(TriggerNotFound):
                 name = (await TriggerRegistry(self.schema).get(conn, trigger_id)).name
         return _target_text(scope, trigger_id, name)
-
-
-def _check_limit(limit: int) -> None:
-    if not is_int(limit) or not 1 <= limit <= MAX_UNPARK_BATCH:
-        raise InvalidInput("limit", limit, f"must be an integer from 1 to {MAX_UNPARK_BATCH}")
