@@ -98,31 +98,28 @@ class TriggerRegistry:
                 pattern.like,
                 sorted(o.value for o in op_set),
                 target,
-                policy.kind.value,
-                policy.base_delay,
-                policy.factor,
-                policy.max_delay,
-                policy.jitter,
-                policy.max_attempts,
-                policy.max_event_age,
-                seconds,
-                sorted(policy.park_on),
+                *_policy_columns(policy, seconds),
                 bool(enabled),
                 bool(is_dead_letter_handler),
                 registered_by,
                 self.max_triggers_per_scope,
             )
             if row is None:
-                if await conn.fetchval(q.trigger_exists, scope, name):
-                    raise TriggerExists(scope, name)
-                count = await conn.fetchval(q.count_triggers, scope)
-                raise LimitExceeded(
-                    f"triggers in scope {scope!r}",
-                    int(count) + 1,
-                    self.max_triggers_per_scope,
-                    "max_triggers_per_scope",
-                )
+                raise await self._refusal(conn, scope, name)
         return trigger_from_record(row)
+
+    async def _refusal(self, conn: Connection, scope: str, name: str) -> Exception:
+        """Why the insert wrote nothing: the name is taken, or the scope is full."""
+        q = queries(self.schema)
+        if await conn.fetchval(q.trigger_exists, scope, name):
+            return TriggerExists(scope, name)
+        count = await conn.fetchval(q.count_triggers, scope)
+        return LimitExceeded(
+            f"triggers in scope {scope!r}",
+            int(count) + 1,
+            self.max_triggers_per_scope,
+            "max_triggers_per_scope",
+        )
 
     async def get(self, conn: Connection, trigger_id: int) -> Trigger:
         row = await conn.fetchrow(queries(self.schema).get_trigger, trigger_id)
@@ -157,3 +154,18 @@ class TriggerRegistry:
         if row is None:
             raise TriggerNotFound(trigger_id)
         return trigger_from_record(row)
+
+
+def _policy_columns(policy: RetryPolicy, timeout: float) -> tuple[object, ...]:
+    """The policy columns of ``insert_trigger``, in the statement's order."""
+    return (
+        policy.kind.value,
+        policy.base_delay,
+        policy.factor,
+        policy.max_delay,
+        policy.jitter,
+        policy.max_attempts,
+        policy.max_event_age,
+        timeout,
+        sorted(policy.park_on),
+    )
