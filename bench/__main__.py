@@ -1,8 +1,9 @@
 """``python -m bench all`` or ``python -m bench <scenario> [<scenario> …]``.
 
-Scenarios: raw, pgqueuer, b1 … b11, scaling. Each runs its measurement 3 times back to back
-(``--runs``) and reports medians; results are merged into ``bench/results/latest.json``
-and a chart is written to ``docs/benchmarks.png``.
+Scenarios: raw, pgqueuer, b1 … b11, scaling, hosts (emitting from each host, table capture
+and bulk, side by side). Each runs its measurement 3 times back to back (``--runs``) and
+reports medians; results are merged into ``bench/results/latest.json`` and a chart is
+written to ``docs/benchmarks.png``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
-from bench import pgq, raw, scenarios
+from bench import hosts, pgq, raw, scenarios
 from bench.core import (
     DEFAULT_DSN,
     REPO_DIR,
@@ -48,6 +49,7 @@ SCENARIOS: dict[str, Scenario] = {
     "b10": scenarios.b10,
     "scaling": scenarios.scaling,
     "b11": scenarios.b11,
+    "hosts": hosts.run,
 }
 
 

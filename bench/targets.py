@@ -72,6 +72,18 @@ def _at_least(
     return check
 
 
+def _ratio_at_least(
+    scenario: str, metric: str, limit: float
+) -> Callable[[Results], tuple[str, bool] | None]:
+    """A ratio the scenario measured itself (per run, between interleaved variants)."""
+
+    def check(results: Results) -> tuple[str, bool] | None:
+        v = med(results, scenario, metric)
+        return None if v is None else (f"{v:.2f}x", v >= limit)
+
+    return check
+
+
 def _no_duplicates(results: Results) -> tuple[str, bool] | None:
     v = worst(results, "b6", "drain_duplicates")
     return None if v is None else (f"{v:.0f} (worst run)", v == 0)
@@ -134,6 +146,21 @@ TARGETS: list[Target] = [
         "B11",
         "B11 RSS flat within ±10%",
         _at_most("b11", "rss_max_deviation", 10, "% max deviation"),
+    ),
+    Target(
+        "hosts B1",
+        "hosts: asyncpg emit ≥ 0.9x raw single insert",
+        _ratio_at_least("hosts", "emit_asyncpg_vs_raw", 0.9),
+    ),
+    Target(
+        "hosts capture",
+        "hosts: captured UPDATE ≥ 0.8x plain UPDATE",
+        _ratio_at_least("hosts", "captured_vs_plain_update", 0.8),
+    ),
+    Target(
+        "hosts bulk",
+        "hosts: SQL emit_many() ≥ 1.0x emit_many",
+        _ratio_at_least("hosts", "bulk_function_vs_emit_many", 1.0),
     ),
 ]
 

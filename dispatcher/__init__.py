@@ -29,6 +29,7 @@ if TYPE_CHECKING:
         StatusReport,
         parse_duration,
     )
+    from dispatcher.capture import Capture, CaptureNotFound, Captures
     from dispatcher.core.errors import (
         BacklogFull,
         DispatcherError,
@@ -95,6 +96,9 @@ _LAZY: dict[str, str] = {
     "Failure": "dispatcher.core.outcomes",
     "FailureKind": "dispatcher.core.outcomes",
     "FlowControl": "dispatcher.flow",
+    "Capture": "dispatcher.capture",
+    "CaptureNotFound": "dispatcher.capture",
+    "Captures": "dispatcher.capture",
     "HTTP_STATUS": "dispatcher.core.routing",
     "HandlerContext": "dispatcher.runtime.handlers",
     "HandlerRegistry": "dispatcher.runtime.handlers",
@@ -154,6 +158,9 @@ __all__ = [
     "Admin",
     "BacklogFull",
     "BackoffKind",
+    "Capture",
+    "CaptureNotFound",
+    "Captures",
     "DeadLetterFilter",
     "DeadLetterNotFound",
     "DeadLetterReason",

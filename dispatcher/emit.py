@@ -16,7 +16,7 @@ any driver), or Django's: async hosts ``await emit`` / ``emit_many``, sync hosts
 
 The fan-out itself (matching, the fan-out cap, the backlog caps, the policy snapshot, the
 payload, the wake-up hint) is defined once, by the ``emit`` and ``emit_many`` functions in the
-library's schema (migrations 0007 and 0010), which any client may call. A scope whose backlog
+library's schema (migrations 0007, 0010 and 0011), which any client may call. A scope whose backlog
 is at its cap refuses the emit with :class:`~dispatcher.BacklogFull`, enqueueing nothing and
 leaving the caller's transaction aborted, to be rolled back. This module checks a
 mutation, has :mod:`dispatcher.encode` validate and encode its payload, and sends it, in one
@@ -39,7 +39,7 @@ from dispatcher.db import Connection
 # MAX_NESTING and encode_event are re-exported: importers take them from here.
 from dispatcher.encode import MAX_NESTING as MAX_NESTING
 from dispatcher.encode import encode_event as encode_event
-from dispatcher.encode import encode_parts
+from dispatcher.encode import encode_values
 from dispatcher.hosts import AsyncHost, Row, SyncHost, async_runner, refusals, sync_runner
 from dispatcher.names import DEFAULT_SCHEMA
 from dispatcher.sql import queries
@@ -174,7 +174,7 @@ class Emitter:
     def _single(self, mutation: Mutation) -> tuple[str, tuple[object, ...]]:
         if not isinstance(mutation, Mutation):
             raise InvalidInput("mutation", mutation, "must be a dispatcher.Mutation")
-        _, value, _ = encode_parts(mutation, self.max_payload_bytes)
+        value, old = encode_values(mutation, self.max_payload_bytes)
         return queries(self.schema).emit_one, (
             mutation.event_id,
             mutation.scope,
@@ -186,6 +186,7 @@ class Emitter:
             mutation.root_id,
             self.max_fanout,
             _should_notify(self.schema, self.notify_interval),
+            old,
         )
 
     def _enqueued_single(self, mutation: Mutation, row: Row) -> list[Enqueued]:
@@ -208,18 +209,21 @@ class Emitter:
         for m in mutations:
             if not isinstance(m, Mutation):
                 raise InvalidInput("mutation", m, "must be a dispatcher.Mutation")
-        values = [encode_parts(m, self.max_payload_bytes)[1] for m in mutations]
+        encoded = [encode_values(m, self.max_payload_bytes) for m in mutations]
+        olds = [old for _, old in encoded]
         return queries(self.schema).emit, (
             [m.event_id for m in mutations],
             [m.scope for m in mutations],
             [m.namespace for m in mutations],
             [m.key for m in mutations],
             [m.op.value for m in mutations],
-            values,
+            [value for value, _ in encoded],
             [m.depth for m in mutations],
             [m.root_id for m in mutations],
             self.max_fanout,
             _should_notify(self.schema, self.notify_interval),
+            # No array when no mutation has an old value: less to send and to unnest.
+            None if all(old is None for old in olds) else olds,
         )
 
     def _enqueued_many(self, mutations: Sequence[Mutation], row: Row) -> list[Enqueued]:

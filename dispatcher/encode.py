@@ -1,7 +1,7 @@
 """Validate and encode a mutation's event payload, before it is sent to the emit functions.
 
 The payload every matching trigger receives is ``{"event_id", "scope", "namespace", "key",
-"op", "value", "depth", "root"}`` as compact JSON text (:func:`encode_event`). A value is
+"op", "value", "depth", "root", "old"}`` as compact JSON text (:func:`encode_event`). A value is
 refused before it is sent when it is not JSON-serialisable, holds a lone surrogate or a NUL
 (which Postgres' jsonb cannot store), nests deeper than :data:`MAX_NESTING`, or makes the
 payload longer than the caller's limit; a value whose text must be too long is refused by a
@@ -34,32 +34,36 @@ _JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 def encode_event(mutation: Mutation, *, max_bytes: int) -> str:
     """The event payload every matching trigger receives, as JSON text, within ``max_bytes``:
-    ``{"event_id", "scope", "namespace", "key", "op", "value", "depth", "root"}``."""
-    head, value, tail = encode_parts(mutation, max_bytes)
-    return head + value + tail
+    ``{"event_id", "scope", "namespace", "key", "op", "value", "depth", "root", "old"}``
+    (``old`` is null when the mutation has none)."""
+    head, tail = _frame(mutation)
+    value, old = encode_values(mutation, max_bytes)
+    return f"{head}{value}{tail}{'null' if old is None else old}}}"
 
 
-def encode_parts(mutation: Mutation, max_bytes: int) -> tuple[str, str, str]:
-    """The payload's JSON text in three parts: before the value, the value, after it.
+def encode_values(mutation: Mutation, max_bytes: int) -> tuple[str, str | None]:
+    """The JSON text of the mutation's value and of its old value (None: it has none), once
+    the payload they make (:func:`encode_event`) is known to fit in ``max_bytes``.
 
     A value is refused by its size before it is serialised when a cheap walk shows that its
     text must be too long, and refused when it nests deeper than :data:`MAX_NESTING`.
     """
-    head = (
-        f'{{"event_id":"{mutation.event_id}","scope":{_dumps(mutation.scope)},'
-        f'"namespace":{_dumps(mutation.namespace)},"key":{_dumps(mutation.key)},'
-        f'"op":"{mutation.op.value}","value":'
-    )
-    tail = f',"depth":{int(mutation.depth)},"root":"{mutation.root}"}}'
+    head, tail = _frame(mutation)
+    old = mutation.old
     try:
-        frame = len(head.encode("utf-8")) + len(tail.encode("utf-8"))
+        # The text around the value and the old value ("null" when there is none).
+        frame = len(head.encode("utf-8")) + len(tail.encode("utf-8")) + len("}")
     except UnicodeEncodeError:
         raise InvalidInput(
             "mutation",
             f"{mutation.scope}/{mutation.namespace}/{mutation.key}",
             "its scope, namespace or key contains a lone surrogate, which is not valid Unicode",
         ) from None
-    floor = frame + _text_size_floor(mutation.value, max_bytes - frame)
+    if old is None:
+        frame += len("null")
+    floor = frame + _text_size_floor("value", mutation.value, max_bytes - frame)
+    if old is not None and floor <= max_bytes:
+        floor += _text_size_floor("old", old, max_bytes - floor)
     if floor > max_bytes:
         raise LimitExceeded(
             f"event payload for key {mutation.key!r} (at least)",
@@ -67,28 +71,48 @@ def encode_parts(mutation: Mutation, max_bytes: int) -> tuple[str, str, str]:
             max_bytes,
             "max_payload_bytes",
         )
-    try:
-        text = _dumps(mutation.value)
-    except (TypeError, ValueError) as exc:
-        raise InvalidInput("value", mutation.value, f"is not JSON-serialisable: {exc}") from None
-    except RecursionError:  # within MAX_NESTING, but called with the stack nearly full
-        raise InvalidInput("value", "<deeply nested>", "is nested too deeply to encode") from None
-    try:
-        size = frame + len(text.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise InvalidInput(
-            "value", mutation.value, "contains a lone surrogate, which is not valid Unicode"
-        ) from None
-    # The other fields cannot hold a NUL: names and keys refuse control characters.
-    if _JSON_NUL.search(text):
-        raise InvalidInput(
-            "value", mutation.value, "contains a NUL character, which Postgres cannot store"
-        )
+    value_text, value_size = _encode("value", mutation.value)
+    size = frame + value_size
+    old_text = None
+    if old is not None:
+        old_text, old_size = _encode("old", old)
+        size += old_size
     if size > max_bytes:
         raise LimitExceeded(
             f"event payload for key {mutation.key!r}", size, max_bytes, "max_payload_bytes"
         )
-    return head, text, tail
+    return value_text, old_text
+
+
+def _frame(mutation: Mutation) -> tuple[str, str]:
+    """The payload's text before the value, and between the value and the old value."""
+    head = (
+        f'{{"event_id":"{mutation.event_id}","scope":{_dumps(mutation.scope)},'
+        f'"namespace":{_dumps(mutation.namespace)},"key":{_dumps(mutation.key)},'
+        f'"op":"{mutation.op.value}","value":'
+    )
+    return head, f',"depth":{int(mutation.depth)},"root":"{mutation.root}","old":'
+
+
+def _encode(field: str, value: object) -> tuple[str, int]:
+    """``value``'s JSON text and its length in UTF-8 bytes; what Postgres' jsonb cannot
+    hold is refused, naming ``field``."""
+    try:
+        text = _dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(field, value, f"is not JSON-serialisable: {exc}") from None
+    except RecursionError:  # within MAX_NESTING, but called with the stack nearly full
+        raise InvalidInput(field, "<deeply nested>", "is nested too deeply to encode") from None
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidInput(
+            field, value, "contains a lone surrogate, which is not valid Unicode"
+        ) from None
+    # The other fields cannot hold a NUL: names and keys refuse control characters.
+    if _JSON_NUL.search(text):
+        raise InvalidInput(field, value, "contains a NUL character, which Postgres cannot store")
+    return text, size
 
 
 def _dumps(value: object) -> str:
@@ -101,7 +125,7 @@ _NUMBERS = frozenset({int, float, bool, type(None)})
 _KNOWN = _NUMBERS | {str, list, tuple, dict}
 
 
-def _text_size_floor(value: object, budget: int) -> int:
+def _text_size_floor(field: str, value: object, budget: int) -> int:
     """A lower bound of the length of ``value``'s compact JSON text in UTF-8 bytes, counted
     only until it passes ``budget``; raises :class:`InvalidInput` for nesting deeper than
     :data:`MAX_NESTING`.
@@ -129,7 +153,7 @@ def _text_size_floor(value: object, budget: int) -> int:
         if size > budget or not (lists or tuples or dicts):
             return size
         if depth == MAX_NESTING:
-            raise _too_deep(seen)
+            raise _too_deep(field, seen)
         seen.update(map(id, lists), map(id, tuples), map(id, dicts))
         # With the byte counted above, a container of n items writes n + 1 bytes or more
         # of brackets and commas, and a dict n colons too; then the keys (a number, true or
@@ -183,12 +207,12 @@ def _sort(
     )
 
 
-def _too_deep(seen: set[int]) -> InvalidInput:
+def _too_deep(field: str, seen: set[int]) -> InvalidInput:
     # Fewer containers than levels: one of them holds itself.
     if len(seen) < MAX_NESTING:
-        return InvalidInput("value", "<circular>", "is not JSON-serialisable: it contains itself")
+        return InvalidInput(field, "<circular>", "is not JSON-serialisable: it contains itself")
     return InvalidInput(
-        "value",
+        field,
         "<deeply nested>",
         f"is nested more than {MAX_NESTING} levels deep; at most {MAX_NESTING} are allowed",
     )

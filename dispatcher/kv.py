@@ -1,5 +1,7 @@
 """A reference key/value store whose writes emit trigger events in the same transaction.
 
+Each event carries the value the key held before the write as ``old`` (none for a new key).
+
 >>> kv = KvStore()
 >>> async with conn.transaction():
 ...     await kv.put(conn, "acme", "users", "users/42", {"plan": "pro"})
@@ -14,7 +16,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from dispatcher.core.models import JsonValue, Mutation, Op
 from dispatcher.db import Connection
@@ -81,13 +83,17 @@ class KvStore:
             root_id=root_id,
         )
         q = self._q()
-        # Validate size and encodability before anything is written.
+        # Validate size and encodability before anything is written; the event, with the
+        # value replaced as its old value, is checked again when emitted (a payload too
+        # large with it undoes the write: the savepoint below).
         encode_event(mutation, max_bytes=self.emitter.max_payload_bytes)
         stored = json.dumps(value, ensure_ascii=False)
         async with conn.transaction():
-            version = await conn.fetchval(q.kv_put, scope, namespace, key, stored)
+            row = await conn.fetchrow(q.kv_put, scope, namespace, key, stored)
+            assert row is not None  # an upsert returns its row
+            mutation = _with_old(mutation, row["old"])
             enqueued = await self._emit(conn, mutation, guard)
-        return KvWrite(version, mutation.event_id, enqueued)
+        return KvWrite(row["version"], mutation.event_id, enqueued)
 
     async def delete(
         self,
@@ -116,9 +122,12 @@ class KvStore:
         )
         q = self._q()
         async with conn.transaction():
-            version = await conn.fetchval(q.kv_delete, scope, namespace, key)
-            enqueued = [] if version is None else await self._emit(conn, mutation, guard)
-        return KvWrite(version, mutation.event_id, enqueued)
+            row = await conn.fetchrow(q.kv_delete, scope, namespace, key)
+            if row is None:
+                return KvWrite(None, mutation.event_id, [])
+            mutation = _with_old(mutation, row["old"])
+            enqueued = await self._emit(conn, mutation, guard)
+        return KvWrite(row["version"], mutation.event_id, enqueued)
 
     async def _emit(
         self, conn: Connection, mutation: Mutation, guard: EmitGuard | None
@@ -153,3 +162,8 @@ class KvStore:
 
     def _q(self) -> Sql:
         return queries(self.emitter.schema)
+
+
+def _with_old(mutation: Mutation, old: str | None) -> Mutation:
+    """``mutation`` with the value its key held before (JSON text; None: no value)."""
+    return mutation if old is None else replace(mutation, old=json.loads(old))

@@ -478,6 +478,63 @@ def caps(s: Session) -> None:
     s.cli("caps/error-zero", "backlog-caps set acme 0", code=2)
 
 
+def capture(s: Session) -> None:
+    """The table-capture examples: two host tables captured, written through psql, the
+    outbox rows the writes left, then the listing and the errors."""
+
+    async def setup(conn: asyncpg.Connection) -> None:
+        await conn.execute(
+            "CREATE TABLE accounts (id integer PRIMARY KEY, tenant_id text, plan text, prefs jsonb)"
+        )
+        await conn.execute(
+            "CREATE TABLE orders (region text, number integer, total numeric,"
+            " PRIMARY KEY (region, number))"
+        )
+        await conn.execute("CREATE VIEW plans AS SELECT id, plan FROM accounts")
+        for namespace in ("accounts", "orders"):
+            await _register(
+                conn, scope="acme", name=f"sync-{namespace}", namespace=namespace,
+                key_pattern="*", target="crm_upsert", registered_by="svc:crm",
+            )  # fmt: skip
+
+    s.run(setup)
+    s.cli(
+        "capture/add", "capture add public.accounts --namespace accounts --scope-column tenant_id"
+    )
+    s.cli("capture/add-orders", "capture add orders --namespace orders --scope acme")
+    s.cli("capture/add-again", "capture add orders --namespace orders --scope acme")
+    s.cli(
+        "capture/add-update",
+        "capture add orders --namespace orders --scope acme --key region --key number "
+        "--key-prefix order:",
+    )
+    for statement in (
+        "INSERT INTO accounts VALUES (42, 'acme', 'free', jsonb_build_object('lang', 'fr'))",
+        "UPDATE accounts SET plan = 'pro' WHERE id = 42",
+        "INSERT INTO orders VALUES ('eu', 1001, 120.50)",
+        "UPDATE orders SET number = 1002 WHERE number = 1001",
+        "DELETE FROM accounts WHERE id = 42",
+    ):
+        s.psql("capture/writes", statement)
+    s.psql(
+        "capture/outbox",
+        "SELECT scope, payload->>'op' AS op, payload->>'key' AS key, payload->'value' AS value,"
+        " payload->'old' AS old FROM dispatcher.outbox ORDER BY id",
+    )
+    s.psql("capture/refused", "INSERT INTO accounts (id, plan) VALUES (7, 'pro')", fails=True)
+    s.cli("capture/list", "capture list")
+    s.cli("capture/list-json", "capture list --json")
+    s.cli("capture/remove", "capture remove orders")
+    s.cli("capture/remove-again", "capture remove orders", code=1)
+    s.cli("capture/error-scope", "capture add accounts --namespace accounts", code=2)
+    s.cli("capture/error-view", "capture add plans --namespace plans --scope acme", code=1)
+    s.cli(
+        "capture/error-type",
+        "capture add accounts --namespace accounts --scope acme --key prefs",
+        code=1,
+    )
+
+
 def redaction(s: Session, tmp: Path) -> None:
     """``dispatcher run --redact-key`` in a process of its own, stopped by SIGTERM once the
     event is dead-lettered."""
@@ -542,6 +599,7 @@ SCENARIOS: dict[str, Callable[[Session, Path], None]] = {
     "letters": lambda s, _tmp: letters(s),
     "flow": lambda s, _tmp: flow(s),
     "caps": lambda s, _tmp: caps(s),
+    "capture": lambda s, _tmp: capture(s),
     "redaction": redaction,
 }
 

@@ -97,5 +97,16 @@ BEGIN
     -- KvStore: the kv table.
     EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %I.kv TO dispatcher_app',
                    schema_name);
+
+    -- Table capture (migration 0011): no grant at all. The writers of a captured table
+    -- need none: capture_row runs as its owner, and Postgres checks EXECUTE on a trigger
+    -- function when the trigger is created, not when it fires. `dispatcher capture add` and
+    -- `remove` are DDL on a host table: they need a role that owns the table (usually your
+    -- schema's owner, not one of the roles here), with USAGE on this schema and EXECUTE on capture_row, e.g.
+    --     GRANT USAGE ON SCHEMA dispatcher TO app_owner;
+    --     GRANT EXECUTE ON FUNCTION dispatcher.capture_row() TO app_owner;
+    -- (the migrating role has both). EXECUTE on capture_row lets a table's owner emit any
+    -- mutation from that table, so grant it as you would EXECUTE on emit. The REVOKE above
+    -- only concerns the four roles here: such a grant survives a re-run of this script.
 END
 $grants$;

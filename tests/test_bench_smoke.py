@@ -35,6 +35,19 @@ POSITIVE = {
     "b11": ["rss_baseline", "settled"],
     "scaling": ["p1", "p2"],
     "pgqueuer": ["drain", "latency_p50"],
+    "hosts": [
+        "raw_insert",
+        "emit_asyncpg",
+        "emit_sync_psycopg",
+        "emit_sqlalchemy_async",
+        "sql_function",
+        "update_captured",
+        "update_plain",
+        "bulk_emit_many",
+        "bulk_sql_function",
+        "captured_vs_plain_update",
+        "bulk_function_vs_emit_many",
+    ],
 }
 ZERO = {
     "b4": ["drain_duplicates"],

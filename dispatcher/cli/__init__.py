@@ -2,11 +2,11 @@
 
 A module a command, or a group of subcommands, named for it: ``run``, ``migrate``, ``demo``,
 ``status``, ``triggers``, ``dead_letters``, ``abandoned``, ``pause`` (pause and resume),
-``parked``, ``breakers``, ``backlog`` (``backlog-caps``). Each parses, calls the library
-(:mod:`dispatcher.admin`, :mod:`dispatcher.flow`, :class:`dispatcher.triggers.TriggerRegistry`)
-through ``call``, and prints with ``render``. Options several commands share are declared
-once, in ``options`` (and, for the flow-control commands' ``--scope``/``--trigger``/``--all``,
-in ``targets``).
+``parked``, ``breakers``, ``backlog`` (``backlog-caps``), ``capture``. Each parses, calls the
+library (:mod:`dispatcher.admin`, :mod:`dispatcher.flow`, :mod:`dispatcher.capture`,
+:class:`dispatcher.triggers.TriggerRegistry`) through ``call``, and prints with ``render``.
+Options several commands share are declared once, in ``options`` (and, for the flow-control
+commands' ``--scope``/``--trigger``/``--all``, in ``targets``).
 What only one command needs (alembic, the runtime, prometheus, pgserver, rich) is imported
 when that command runs.
 
@@ -24,6 +24,7 @@ import click
 from dispatcher.cli.abandoned import abandoned
 from dispatcher.cli.backlog import backlog_caps
 from dispatcher.cli.breakers import breakers
+from dispatcher.cli.capture import capture
 from dispatcher.cli.dead_letters import dead_letters
 from dispatcher.cli.demo import demo
 from dispatcher.cli.migrate import migrate
@@ -66,5 +67,6 @@ for _command in (
     parked,
     breakers,
     backlog_caps,
+    capture,
 ):
     main.add_command(_command)

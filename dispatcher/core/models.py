@@ -158,7 +158,9 @@ class RetryPolicy:
 class Mutation:
     """One put or delete of a key in a namespace, within a scope (a tenant or an app).
 
-    ``value`` is the new value for a put (any JSON value), ``None`` for a delete.
+    ``value`` is the new value for a put (any JSON value), ``None`` for a delete. ``old`` is
+    the value the key held before, when the writer knows it (``None``: unknown, or no value);
+    handlers see it as the event's ``old``.
     ``event_id`` makes emitting idempotent: the same event id never enqueues a trigger twice.
     ``depth`` is how many trigger executions led to this mutation (0 for a user's write).
 
@@ -174,6 +176,7 @@ class Mutation:
     depth: int = 0
     # The user mutation this one descends from (through handler writes); None: itself.
     root_id: uuid.UUID | None = None
+    old: JsonValue = None
 
     def __post_init__(self) -> None:
         check_name("scope", self.scope)

@@ -1,4 +1,4 @@
-"""Fan-out: the producers' calls into the emit functions of migration 0007."""
+"""Fan-out: the producers' calls into the emit functions (migrations 0007, 0010, 0011)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ class EmitSql(Statements):
     def __init__(self, schema: str) -> None:
         super().__init__(schema)
         s = self.quoted
-        # Fan-out is defined once, by the emit functions in the schema (migration 0007):
+        # Fan-out is defined once, by the emit functions in the schema (migration 0011):
         # matching, the all-or-nothing fan-out cap, the policy snapshot, the payload and the
         # wake-up hint, sent when $10 says so. The emitter debounces hints across
         # transactions (Postgres folds a transaction's identical notifications into one),
@@ -20,9 +20,9 @@ class EmitSql(Statements):
         self.emit = f"""
             SELECT over_ordinal, over_matched, matched, outbox_ids, event_ids, trigger_ids
             FROM {s}.emit_many($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
-                $6::jsonb[], $7::int[], $8::uuid[], $9::int, $10::bool)"""
+                $6::jsonb[], $7::int[], $8::uuid[], $9::int, $10::bool, $11::jsonb[])"""
         # The single-mutation form of ``emit``.
         self.emit_one = f"""
             SELECT matched, outbox_ids, trigger_ids
             FROM {s}.emit($1::uuid, $2::text, $3::text, $4::text, $5::text, $6::jsonb,
-                $7::int, $8::uuid, $9::int, $10::bool)"""
+                $7::int, $8::uuid, $9::int, $10::bool, $11::jsonb)"""

@@ -20,16 +20,28 @@ class KvSql(Statements):
             WHERE created_at < clock_timestamp() - make_interval(secs => $1)"""
         self.kv_get = f"""
             SELECT value, version FROM {s}.kv WHERE scope = $1 AND namespace = $2 AND key = $3"""
+        # The value replaced comes back as ``old``. The row is read and locked before the
+        # write: the insert's source joins ``prev``, so ``prev`` is read first (read after,
+        # it would no longer see the row this statement changed). A key two transactions
+        # create at once reports no old value to the one that waited.
         self.kv_put = f"""
-            INSERT INTO {s}.kv AS kv (scope, namespace, key, value)
-            VALUES ($1, $2, $3, $4::jsonb)
-            ON CONFLICT (scope, namespace, key) DO UPDATE
-                SET value = excluded.value, version = kv.version + 1,
-                    updated_at = clock_timestamp()
-            RETURNING version"""
+            WITH prev AS MATERIALIZED (
+                SELECT value FROM {s}.kv
+                WHERE scope = $1 AND namespace = $2 AND key = $3
+                FOR UPDATE
+            ),
+            up AS (
+                INSERT INTO {s}.kv AS kv (scope, namespace, key, value)
+                SELECT $1, $2, $3, $4::jsonb FROM (VALUES (1)) AS one(n) LEFT JOIN prev ON true
+                ON CONFLICT (scope, namespace, key) DO UPDATE
+                    SET value = excluded.value, version = kv.version + 1,
+                        updated_at = clock_timestamp()
+                RETURNING version
+            )
+            SELECT (SELECT version FROM up), (SELECT prev.value::text FROM prev) AS old"""
         self.kv_delete = f"""
             DELETE FROM {s}.kv WHERE scope = $1 AND namespace = $2 AND key = $3
-            RETURNING version"""
+            RETURNING version, value::text AS old"""
         self.kv_list = f"""
             SELECT key, value, version FROM {s}.kv
             WHERE scope = $1 AND namespace = $2 AND starts_with(key, $3)

@@ -425,6 +425,15 @@ async def _functions(conn: asyncpg.Connection) -> list[tuple[Any, ...]]:
     return [tuple(r) for r in await conn.fetch(FUNCTIONS)]
 
 
+async def emit_at_0010(conn: asyncpg.Connection, n: int) -> None:
+    """An emit as a SQL caller makes it at 0009 and 0010 (the library needs 0011)."""
+    await conn.execute(
+        "SELECT * FROM dispatcher.emit(gen_random_uuid(), 'acme', 'users', $1, 'put', $2)",
+        f"users/{n}",
+        json.dumps({"n": n}),
+    )
+
+
 async def test_migration_round_trip(empty_dsn: str) -> None:
     """0010 up, down (0007's functions back, exactly, with their grants) and up again."""
     role = f"bc_producer_{uuid.uuid4().hex[:8]}"
@@ -436,17 +445,18 @@ async def test_migration_round_trip(empty_dsn: str) -> None:
             f"GRANT EXECUTE ON FUNCTION dispatcher.emit, dispatcher.emit_many TO {role}"
         )
         at_0009 = await _functions(conn)
-        await migrate(empty_dsn)
+        await migrate(empty_dsn, revision="0010")
         upgraded = await _functions(conn)
         assert [f[0] for f in upgraded] == ["emit", "emit_many"]
         assert [f[2] for f in upgraded] == [f[2] for f in at_0009]  # grants kept
         assert all(role in f[2] for f in upgraded)
         assert all("backlog_caps" in f[1] and "54Q01" in f[3] for f in upgraded)
         await trigger(conn)
-        await emit(conn, user(1), autocommit=True)
+        await emit_at_0010(conn, 1)
         await FLOW.set_backlog_cap(conn, "acme", 1)
-        with pytest.raises(BacklogFull):
-            await emit(conn, user(2), autocommit=True)
+        with pytest.raises(asyncpg.PostgresError) as refused:
+            await emit_at_0010(conn, 2)
+        assert refused.value.sqlstate == BACKLOG_FULL_SQLSTATE
 
         engine = create_async_engine(
             "postgresql+asyncpg://",
@@ -460,10 +470,10 @@ async def test_migration_round_trip(empty_dsn: str) -> None:
             await engine.dispose()
         assert await _functions(conn) == at_0009
         assert await conn.fetchval("SELECT to_regclass('dispatcher.backlog_caps')") is None
-        await emit(conn, user(2), autocommit=True)  # no cap any more
+        await emit_at_0010(conn, 2)  # no cap any more
         assert await conn.fetchval("SELECT count(*) FROM dispatcher.outbox") == 2
 
-        await migrate(empty_dsn)
+        await migrate(empty_dsn, revision="0010")
         assert await _functions(conn) == upgraded
         assert await FLOW.backlog_caps(conn) == []
     finally:

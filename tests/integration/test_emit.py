@@ -645,10 +645,10 @@ JSON = st.recursive(
 )
 
 
-@given(value=JSON)
+@given(value=JSON, old=JSON)
 @settings(database=None, deadline=None, max_examples=300)
-def test_the_size_walk_never_refuses_a_payload_within_the_limit(value: Any) -> None:
-    m = put("clé/1", value, depth=3)
+def test_the_size_walk_never_refuses_a_payload_within_the_limit(value: Any, old: Any) -> None:
+    m = put("clé/1", value, depth=3, old=old)
     text = encode_event(m, max_bytes=1 << 30)
     # The same text as serialising the whole event at once, and accepted at exactly its size.
     whole = {
@@ -660,6 +660,7 @@ def test_the_size_walk_never_refuses_a_payload_within_the_limit(value: Any) -> N
         "value": value,
         "depth": m.depth,
         "root": str(m.root),
+        "old": old,
     }
     assert text == json.dumps(whole, ensure_ascii=False, separators=(",", ":"))
     size = len(text.encode("utf-8"))

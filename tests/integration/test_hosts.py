@@ -53,9 +53,17 @@ class Rollback(Exception):
 def mutations() -> list[Mutation]:
     root = uuid.uuid4()
     return [
-        Mutation("acme", "users", "users/42", Op.PUT, {"plan": "pro", "name": "Zoë", "n": 1.5}),
+        Mutation(
+            "acme",
+            "users",
+            "users/42",
+            Op.PUT,
+            {"plan": "pro", "name": "Zoë", "n": 1.5},
+            old={"plan": "free", "name": "Zoë"},
+        ),
+        # A bulk call mixing a mutation without an old value and one with.
         Mutation("acme", "users", "users/7", Op.PUT, [1, {"a": None}], depth=2, root_id=root),
-        Mutation("acme", "users", "users/43", Op.DELETE),
+        Mutation("acme", "users", "users/43", Op.DELETE, old=["was", {"here": True}]),
     ]
 
 
@@ -400,6 +408,7 @@ async def assert_enqueued(
         assert row["payload"] == json.loads(encode_event(m, max_bytes=1 << 20))
         assert row["depth"] == m.depth
         assert row["payload"]["root"] == str(m.root)
+        assert (row["payload"]["value"], row["payload"]["old"]) == (m.value, m.old)
         assert {c: row[c] for c in POLICY_COLUMNS} == {
             c: snapshots[row["trigger_id"]][c] for c in POLICY_COLUMNS
         }

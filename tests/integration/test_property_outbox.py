@@ -79,6 +79,7 @@ BEHAVIOURS = st.sampled_from(["ok", "weird_result", "error", "permanent", "rate"
 @dataclass
 class Row:
     value: Any
+    old: Any
     policy: dict[str, Any]
     script: list[str]
     retry_after: float
@@ -88,6 +89,7 @@ class Row:
 ROWS = st.builds(
     Row,
     value=VALUES | st.integers(90, 1500).map(nested),
+    old=st.none() | VALUES | st.integers(90, 1500).map(nested),
     policy=POLICIES,
     script=st.lists(BEHAVIOURS, min_size=1, max_size=3),
     retry_after=WEIRD_FLOATS,
@@ -160,7 +162,9 @@ async def test_nothing_entering_the_outbox_stops_the_loop_or_goes_missing(
         )
         try:
             written = await emit(
-                conn, Mutation("acme", "users", key, Op.PUT, row.value), autocommit=True
+                conn,
+                Mutation("acme", "users", key, Op.PUT, row.value, old=row.old),
+                autocommit=True,
             )
         except DispatcherError:
             continue  # refused at emit: nothing stored
