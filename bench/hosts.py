@@ -9,6 +9,10 @@ them alike. Before each window (untimed) the outbox is truncated, the host table
 vacuumed and a CHECKPOINT is taken; after it the outbox must hold exactly the rows the
 window wrote. Ratios are taken within a repetition (the variants of one round shared its
 noise), and their medians reported.
+
+The ``tx_`` variants run the single-statement loops inside one transaction that is rolled
+back: without commits (and their WAL flushes, the noisiest part of a commit-bound loop),
+each reports what one statement costs, client and server, in µs.
 """
 
 from __future__ import annotations
@@ -59,6 +63,10 @@ class Variant:
     loop: Loop
     # Outbox rows one counted unit writes (0: none).
     rows_per_unit: int
+    # Run inside one transaction, rolled back at the end of the window: no commit, so no
+    # WAL flush, whose time swings with whatever else the server does. Reported as the
+    # cost of one statement (µs), client and server.
+    rolled_back: bool = False
 
 
 async def run(ctx: Context) -> ScenarioResult:
@@ -107,9 +115,13 @@ async def run(ctx: Context) -> ScenarioResult:
             for k, v in enumerate(variants[start:] + variants[:start]):
                 offset = (run + 1) * 100_000_000 + k * 1_000_000
                 rate = await _measure(conn, v, secs, offset)
-                result.add(v.metric, v.unit, rate)
-                parts.append(f"{v.label} {rate:,.0f}")
-            return ", ".join(parts) + " /s"
+                if v.rolled_back:
+                    result.add(v.metric, v.unit, 1e6 / rate)
+                    parts.append(f"{v.label} {1e6 / rate:,.0f} µs")
+                else:
+                    result.add(v.metric, v.unit, rate)
+                    parts.append(f"{v.label} {rate:,.0f}/s")
+            return ", ".join(parts)
 
         await repeat(ctx, result, once)
     _ratios(result)
@@ -244,7 +256,29 @@ async def _variants(
             n += per_call
         return n
 
+    def rolled_back(loop: Loop) -> Loop:
+        async def wrapped(seconds: float, offset: int) -> int:
+            tx = conn.transaction()
+            await tx.start()
+            try:
+                return await loop(seconds, offset)
+            finally:
+                await tx.rollback()
+
+        return wrapped
+
+    in_tx = [
+        ("raw_insert", raw_insert),
+        ("emit_asyncpg", emit_asyncpg),
+        ("sql_function", sql_function),
+        ("update_captured", updates(CAPTURED)),
+        ("update_plain", updates(PLAIN)),
+    ]
     return [
+        *(
+            Variant(f"tx_{name}", "µs/statement", f"{name} (in tx)", rolled_back(loop), 0, True)
+            for name, loop in in_tx
+        ),
         Variant("raw_insert", "rows/s", "raw insert", raw_insert, 1),
         Variant("emit_asyncpg", "mutations/s", "asyncpg emit", emit_asyncpg, 1),
         Variant("emit_sync_psycopg", "mutations/s", "psycopg emit_sync", emit_sync_psycopg, 1),
@@ -286,6 +320,10 @@ RATIOS = [
     ("sql_function_vs_raw", "sql_function", "raw_insert"),
     ("captured_vs_plain_update", "update_captured", "update_plain"),
     ("bulk_function_vs_emit_many", "bulk_sql_function", "bulk_emit_many"),
+    # Costs per statement: the reference over the variant (higher is faster, as above).
+    ("tx_emit_asyncpg_vs_raw", "tx_raw_insert", "tx_emit_asyncpg"),
+    ("tx_sql_function_vs_raw", "tx_raw_insert", "tx_sql_function"),
+    ("tx_captured_vs_plain_update", "tx_update_plain", "tx_update_captured"),
 ]
 
 

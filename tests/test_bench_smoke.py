@@ -47,6 +47,10 @@ POSITIVE = {
         "bulk_sql_function",
         "captured_vs_plain_update",
         "bulk_function_vs_emit_many",
+        "tx_raw_insert",
+        "tx_emit_asyncpg",
+        "tx_update_captured",
+        "tx_captured_vs_plain_update",
     ],
 }
 ZERO = {

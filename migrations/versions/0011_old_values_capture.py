@@ -162,7 +162,26 @@ def _payload(
         'root', coalesce({root}, {event_id}){with_old})"""
 
 
-def _match(q: str, scope: str, namespace: str, key: str, op_: str, prefixes: str) -> str:
+def _match(
+    q: str,
+    scope: str,
+    namespace: str,
+    key: str,
+    op_: str,
+    prefixes: str,
+    condition_event: str | None = None,
+) -> str:
+    # condition_event (revision 0012 and later): the document a trigger's condition is
+    # evaluated on; a trigger without a condition matches as before.
+    condition = (
+        f"""
+        AND CASE WHEN t.condition_path IS NULL THEN true
+            ELSE coalesce(jsonb_path_match({condition_event}, t.condition_path,
+                t.condition_vars, true), false)
+        END"""
+        if condition_event
+        else ""
+    )
     return f"""t.scope = {scope}
         AND t.namespace = {namespace}
         AND t.match_prefix = ANY ({prefixes})
@@ -173,7 +192,14 @@ def _match(q: str, scope: str, namespace: str, key: str, op_: str, prefixes: str
             WHEN 'exact' THEN t.match_prefix = {key}
             WHEN 'prefix' THEN true
             ELSE {key} LIKE t.match_like ESCAPE '\\'
-        END"""
+        END{condition}"""
+
+
+def _shaped(q: str, payload: str, fields: str) -> str:
+    """Revision 0012 and later: the payload a trigger with selected fields receives."""
+    return (
+        f"CASE WHEN {fields} IS NULL THEN {payload} ELSE {q}.shape_payload({payload}, {fields}) END"
+    )
 
 
 def _prefixes(key: str) -> str:
@@ -247,10 +273,16 @@ def _full(function: str, scope: str, cap: str, backlog: str, adding: str) -> str
 # --- the functions ---
 
 
-def _emit(s: str, channel: str, *, with_old: bool) -> str:
+def _emit(s: str, channel: str, *, with_old: bool, conditions: bool = False) -> str:
     capped = True  # 0010's backlog check, kept by every later revision
     q = f'"{s}"'
     old = "$11" if with_old else None
+    # Revision 0012: conditions and selected fields.
+    event = f"{q}.condition_event($5, $4, $6, $11, t.condition_changed)" if conditions else None
+    fields_col = ", t.fields AS tfields" if conditions else ""
+    payload = f"(SELECT {_payload('$1', '$2', '$3', '$4', '$5', '$6', '$7', '$8', old)})"
+    if conditions:
+        payload = _shaped(q, payload, "m.tfields")
     problem = _problem("$1", "$2", "$3", "$4", "$5", "$6", "$7", old).replace(
         "CASE", f"CASE\n        {_fanout_problem('$9')}", 1
     )
@@ -320,15 +352,15 @@ BEGIN
     ),{cap_cte}
     m AS MATERIALIZED (
         SELECT t.id AS tid, t.name AS tname, t.target AS ttarget,
-            t.registered_by AS tprincipal, {T_POLICY}
+            t.registered_by AS tprincipal, {T_POLICY}{fields_col}
         FROM {q}.triggers t
         WHERE (SELECT chk.problem FROM chk) IS NULL
-            AND {_match(q, "$2", "$3", "$4", "$5", _prefixes("$4"))}
+            AND {_match(q, "$2", "$3", "$4", "$5", _prefixes("$4"), event)}
         LIMIT least(greatest($9, 0), {MAX_FANOUT}) + 1
     ),
     ins AS (
         INSERT INTO {q}.outbox (event_id, payload, depth, {SNAPSHOT})
-        SELECT $1, (SELECT {_payload("$1", "$2", "$3", "$4", "$5", "$6", "$7", "$8", old)}),
+        SELECT $1, {payload},
             $7, m.tid, $2, m.tname, m.ttarget, m.tprincipal, {POLICY}
         FROM m WHERE (SELECT count(*) FROM m) <= $9{gate}
         ORDER BY m.tid
@@ -351,11 +383,25 @@ END
 $emit$"""
 
 
-def _emit_many(s: str, channel: str, *, with_old: bool) -> str:
+def _emit_many(s: str, channel: str, *, with_old: bool, conditions: bool = False) -> str:
     capped = True  # 0010's backlog check, kept by every later revision
     q = f'"{s}"'
     u = "u.event_id", "u.scope", "u.namespace", "u.key", "u.op", "u.value", "u.depth"
     old_col = " old," if with_old else ""
+    # Revision 0012: conditions and selected fields.
+    values = " u.value, u.old," if conditions else ""
+    event = (
+        f"{q}.condition_event(mu.op, mu.key, mu.value, mu.old, t.condition_changed)"
+        if conditions
+        else None
+    )
+    fields_col = ", t.fields" if conditions else ""
+    many_payload = (
+        f"{_shaped(q, 'mu.payload', 't.fields')} AS payload" if conditions else "mu.payload"
+    )
+    many_match = _match(
+        q, "mu.scope", "mu.namespace", "mu.key", "mu.op", _prefixes("mu.key"), event
+    )
     bulk_columns = f"event_id, scope, namespace, key, op, value, depth, root,{old_col} ord"
     declare = (
         """
@@ -450,18 +496,18 @@ BEGIN
     -- The payload is built once per mutation (MATERIALIZED), not once per matching trigger.
     -- Nothing is inserted when any mutation matches more than max_fanout triggers.
     WITH mu AS MATERIALIZED (
-        SELECT u.ord, u.event_id, u.scope, u.namespace, u.key, u.op, u.depth,
+        SELECT u.ord, u.event_id, u.scope, u.namespace, u.key, u.op, u.depth,{values}
             {_payload(*u, "u.root", "u.old" if with_old else None)} AS payload
         FROM unnest($1, $2, $3, $4, $5, $6, $7, $8{", $11" if with_old else ""})
             WITH ORDINALITY AS u({bulk_columns})
     ),
     m AS MATERIALIZED (
-        SELECT mu.ord, mu.event_id, mu.payload, mu.depth, t.*
+        SELECT mu.ord, mu.event_id, {many_payload}, mu.depth, t.*
         FROM mu CROSS JOIN LATERAL (
             SELECT t.id AS trigger_id, t.scope, t.name AS trigger_name, t.target,
-                t.registered_by, {T_POLICY}, count(*) OVER () AS n
+                t.registered_by, {T_POLICY}, count(*) OVER () AS n{fields_col}
             FROM {q}.triggers t
-            WHERE {_match(q, "mu.scope", "mu.namespace", "mu.key", "mu.op", _prefixes("mu.key"))}
+            WHERE {many_match}
             LIMIT $9 + 1
         ) t
     ),

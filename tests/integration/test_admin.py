@@ -11,7 +11,6 @@ from typing import Any
 import anyio
 import asyncpg
 import pytest
-from alembic import command
 from dead_letter_seed import (
     SNAPSHOT_POLICY,
     abandoned,
@@ -22,11 +21,8 @@ from dead_letter_seed import (
     set_state,
 )
 from flow_seed import park, set_breaker
-from sqlalchemy import Connection
-from sqlalchemy.ext.asyncio import create_async_engine
-from sqlalchemy.pool import NullPool
+from schema_history import downgrade
 
-from dispatcher._alembic import _config
 from dispatcher.admin import (
     Admin,
     DeadLetterFilter,
@@ -845,12 +841,6 @@ async def test_operator_views(conn: asyncpg.Connection) -> None:
     assert triggers
 
 
-def _downgrade(connection: Connection, schema: str, revision: str) -> None:
-    cfg = _config(schema)
-    cfg.attributes["connection"] = connection
-    command.downgrade(cfg, revision)
-
-
 async def test_views_downgrade_and_custom_schema(empty_dsn: str) -> None:
     schema = "ops_views"
     await migrate(empty_dsn, schema=schema)
@@ -871,27 +861,17 @@ async def test_views_downgrade_and_custom_schema(empty_dsn: str) -> None:
         [row] = await conn.fetch(lag)
         assert (row["due_now"], row["scheduled"], row["parked"]) == (0, 0, 1)
 
-        engine = create_async_engine(
-            "postgresql+asyncpg://",
-            async_creator=lambda: asyncpg.connect(empty_dsn),
-            poolclass=NullPool,
-        )
-        try:
-            # 0004 down: the 0002 view again, parked rows counted as scheduled.
-            async with engine.begin() as sa_conn:
-                await sa_conn.run_sync(_downgrade, schema, "0003")
-            [row] = await conn.fetch(lag)
-            assert list(row.keys()) == [
-                "scope", "trigger_name", "due_now", "scheduled", "leased", "oldest_due_seconds"
-            ]  # fmt: skip
-            assert (row["due_now"], row["scheduled"]) == (0, 1)
-            await migrate(empty_dsn, schema=schema)
-            [row] = await conn.fetch(lag)
-            assert (row["scheduled"], row["parked"]) == (0, 1)
-            async with engine.begin() as sa_conn:
-                await sa_conn.run_sync(_downgrade, schema, "0001")
-        finally:
-            await engine.dispose()
+        # 0004 down: the 0002 view again, parked rows counted as scheduled.
+        await downgrade(empty_dsn, "0003", schema=schema)
+        [row] = await conn.fetch(lag)
+        assert list(row.keys()) == [
+            "scope", "trigger_name", "due_now", "scheduled", "leased", "oldest_due_seconds"
+        ]  # fmt: skip
+        assert (row["due_now"], row["scheduled"]) == (0, 1)
+        await migrate(empty_dsn, schema=schema)
+        [row] = await conn.fetch(lag)
+        assert (row["scheduled"], row["parked"]) == (0, 1)
+        await downgrade(empty_dsn, "0001", schema=schema)
         assert await conn.fetchval(views) == 0
         assert await conn.fetchval(f"SELECT count(*) FROM {schema}.dead_letters") == 1
         await migrate(empty_dsn, schema=schema)

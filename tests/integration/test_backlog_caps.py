@@ -13,11 +13,8 @@ from typing import Any
 import anyio
 import asyncpg
 import pytest
-from alembic import command
 from cli_run import assert_error, ok, ok_json, run
-from sqlalchemy import Connection as SaConnection
-from sqlalchemy.ext.asyncio import create_async_engine
-from sqlalchemy.pool import NullPool
+from schema_history import downgrade
 from test_hosts import HOSTS, Host
 from test_hosts import django_setup as django_setup  # autouse: Django configured for its hosts
 
@@ -37,7 +34,6 @@ from dispatcher import (
     emit_many,
     migrate,
 )
-from dispatcher._alembic import _config
 from dispatcher.core.errors import BACKLOG_FULL_SQLSTATE
 
 pytestmark = pytest.mark.anyio
@@ -408,12 +404,6 @@ async def test_cli_set_list_remove(dsn: str, conn: asyncpg.Connection) -> None:
 # --- the migration ---
 
 
-def _downgrade(connection: SaConnection, revision: str) -> None:
-    cfg = _config("dispatcher")
-    cfg.attributes["connection"] = connection
-    command.downgrade(cfg, revision)
-
-
 FUNCTIONS = """
     SELECT p.proname, pg_get_functiondef(p.oid) AS definition, p.proacl::text AS acl,
         obj_description(p.oid, 'pg_proc') AS comment
@@ -458,16 +448,7 @@ async def test_migration_round_trip(empty_dsn: str) -> None:
             await emit_at_0010(conn, 2)
         assert refused.value.sqlstate == BACKLOG_FULL_SQLSTATE
 
-        engine = create_async_engine(
-            "postgresql+asyncpg://",
-            async_creator=lambda: asyncpg.connect(empty_dsn),
-            poolclass=NullPool,
-        )
-        try:
-            async with engine.begin() as sa_conn:
-                await sa_conn.run_sync(_downgrade, "0009")
-        finally:
-            await engine.dispose()
+        await downgrade(empty_dsn, "0009")
         assert await _functions(conn) == at_0009
         assert await conn.fetchval("SELECT to_regclass('dispatcher.backlog_caps')") is None
         await emit_at_0010(conn, 2)  # no cap any more

@@ -22,12 +22,9 @@ import anyio
 import asyncpg
 import psycopg
 import pytest
-from alembic import command
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Connection as SaConnection
-from sqlalchemy.ext.asyncio import create_async_engine
-from sqlalchemy.pool import NullPool
+from schema_history import downgrade
 
 from dispatcher import (
     Capture,
@@ -43,7 +40,6 @@ from dispatcher import (
     TriggerRegistry,
     migrate,
 )
-from dispatcher._alembic import _config
 from dispatcher.capture import KEY_TYPES
 from dispatcher.core.errors import BACKLOG_FULL_SQLSTATE
 from dispatcher.sql import POLICY_COLUMNS
@@ -741,23 +737,6 @@ async def test_remove(dsn: str, conn: asyncpg.Connection) -> None:
 
 
 # --- migrations ---
-
-
-def _downgrade(connection: SaConnection, revision: str) -> None:
-    cfg = _config("dispatcher")
-    cfg.attributes["connection"] = connection
-    command.downgrade(cfg, revision)
-
-
-async def downgrade(dsn: str, revision: str) -> None:
-    engine = create_async_engine(
-        "postgresql+asyncpg://", async_creator=lambda: asyncpg.connect(dsn), poolclass=NullPool
-    )
-    try:
-        async with engine.begin() as sa_conn:
-            await sa_conn.run_sync(_downgrade, revision)
-    finally:
-        await engine.dispose()
 
 
 async def test_the_capture_outlives_migrate_and_a_downgrade_drops_it(empty_dsn: str) -> None:

@@ -10,10 +10,7 @@ from typing import Any
 import anyio
 import asyncpg
 import pytest
-from alembic import command
-from sqlalchemy import Connection as SaConnection
-from sqlalchemy.ext.asyncio import create_async_engine
-from sqlalchemy.pool import NullPool
+from schema_history import downgrade
 
 from dispatcher import (
     Dispatcher,
@@ -30,7 +27,6 @@ from dispatcher import (
     emit,
     emit_many,
 )
-from dispatcher._alembic import _config
 from dispatcher.emit import Emitter
 from dispatcher.migrate import migrate
 
@@ -225,12 +221,6 @@ async def test_old_values_are_checked_like_values_before_anything_is_sent(
 # --- the migration ---
 
 
-def _downgrade(connection: SaConnection, revision: str) -> None:
-    cfg = _config("dispatcher")
-    cfg.attributes["connection"] = connection
-    command.downgrade(cfg, revision)
-
-
 FUNCTIONS = """
     SELECT p.oid::regprocedure::text AS signature, pg_get_functiondef(p.oid) AS definition,
         p.proacl::text AS acl, obj_description(p.oid, 'pg_proc') AS comment
@@ -267,16 +257,7 @@ async def test_migration_round_trip_keeps_every_grant(empty_dsn: str) -> None:
         await register(conn, "watch", "watch", "users/*")
         await emit(conn, Mutation("acme", "users", "users/1", Op.PUT, 2, old=1), autocommit=True)
 
-        engine = create_async_engine(
-            "postgresql+asyncpg://",
-            async_creator=lambda: asyncpg.connect(empty_dsn),
-            poolclass=NullPool,
-        )
-        try:
-            async with engine.begin() as sa_conn:
-                await sa_conn.run_sync(_downgrade, "0010")
-        finally:
-            await engine.dispose()
+        await downgrade(empty_dsn, "0010")
         assert await _functions(conn) == at_0010
         # The row enqueued with its old value is untouched.
         assert [p["old"] for p in await payloads(conn)] == [1]
