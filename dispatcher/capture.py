@@ -237,6 +237,9 @@ async def _resolve(
     if not isinstance(table, str) or not table.strip():
         raise InvalidInput("table", table, "must be a table name")
     try:
+        # to_regclass refuses some malformed names on one Postgres version and finds
+        # nothing for them on another; parse_ident refuses them on all.
+        await conn.fetchval(q.parse_name, table)
         row = await conn.fetchrow(q.table, table)
     except (
         asyncpg.InvalidNameError,  # "a..b", an unterminated quote

@@ -260,7 +260,9 @@ class Poller:
             # decoder follows) must not end the loop nor keep its batch leased.
             self._undecodable(record, exc)
             return
-        if self._signals.is_stopping():
+        if self._signals.is_stopping() or self._signals.is_draining():
+            # A claim already under way when stop() or drain() was called: its rows go
+            # back unrun, without an attempt, so nothing starts after either.
             self._settler.submit(row, Release())
             return
         # Decided before a permit is taken: a row that will not run never holds one.

@@ -20,6 +20,7 @@ class CaptureSql(Statements):
         # the statement runs: a '...'::regprocedure constant would be resolved once, when
         # asyncpg prepares the statement, and its oid outlive a downgrade.
         self.capture_function = f"SELECT to_regprocedure('{s}.capture_row()')::oid"
+        self.parse_name = "SELECT parse_ident($1)"
         self.table = """
             SELECT c.oid, n.nspname, c.relname, c.relkind::text AS relkind
             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
