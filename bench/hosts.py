@@ -41,6 +41,10 @@ HOST_ROWS = 1_000
 WARMUP_SECONDS = 1.0
 CAPTURE_SCOPE = "capture"
 CAPTURE_PREFIX = "accounts/"
+# A scope whose one trigger has a condition every bench mutation meets (so both variants
+# write one row): the condition's cost is its evaluation, not fewer inserts.
+CONDITION_SCOPE = "conditional"
+CONDITION = "new.n >= 0 and new.tag == 'bench' and changed(n)"
 
 # The single-mutation function as any client may call it (the psql recipe's form: the
 # first six arguments, the rest defaulted, so every call sends a wake-up hint).
@@ -144,6 +148,16 @@ async def _host_tables(conn: asyncpg.Connection) -> None:
         key_prefix=CAPTURE_PREFIX,
     )
     await register_triggers(conn, 1, scope=CAPTURE_SCOPE, pattern=f"{CAPTURE_PREFIX}*", name="c")
+    await dispatcher.TriggerRegistry().register(
+        conn,
+        scope=CONDITION_SCOPE,
+        name="when",
+        namespace=NAMESPACE,
+        key_pattern="k/*",
+        target="bench.noop",
+        registered_by="user:bench",
+        when=CONDITION,
+    )
 
 
 async def _variants(
@@ -163,6 +177,16 @@ async def _variants(
 
     async def emit_asyncpg(seconds: float, offset: int) -> int:
         return await _emit_loop(conn, seconds, offset)
+
+    async def emit_conditional(seconds: float, offset: int) -> int:
+        n = 0
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            m = mutation(offset + n, scope=CONDITION_SCOPE)
+            rows = await dispatcher.emit(conn, m, autocommit=True)
+            assert len(rows) == 1
+            n += 1
+        return n
 
     pconn = await asyncio.to_thread(psycopg.connect, dsn)
     stack.push_async_callback(asyncio.to_thread, pconn.close)
@@ -270,6 +294,7 @@ async def _variants(
     in_tx = [
         ("raw_insert", raw_insert),
         ("emit_asyncpg", emit_asyncpg),
+        ("emit_conditional", emit_conditional),
         ("sql_function", sql_function),
         ("update_captured", updates(CAPTURED)),
         ("update_plain", updates(PLAIN)),
@@ -322,6 +347,8 @@ RATIOS = [
     ("bulk_function_vs_emit_many", "bulk_sql_function", "bulk_emit_many"),
     # Costs per statement: the reference over the variant (higher is faster, as above).
     ("tx_emit_asyncpg_vs_raw", "tx_raw_insert", "tx_emit_asyncpg"),
+    # A conditional trigger's emit against an unconditional one (aim: at most 1.2x the cost).
+    ("tx_conditional_cost", "tx_emit_conditional", "tx_emit_asyncpg"),
     ("tx_sql_function_vs_raw", "tx_raw_insert", "tx_sql_function"),
     ("tx_captured_vs_plain_update", "tx_update_plain", "tx_update_captured"),
 ]

@@ -84,6 +84,18 @@ def _ratio_at_least(
     return check
 
 
+def _ratio_at_most(
+    scenario: str, metric: str, limit: float
+) -> Callable[[Results], tuple[str, bool] | None]:
+    """A cost ratio the scenario measured itself (lower is better)."""
+
+    def check(results: Results) -> tuple[str, bool] | None:
+        v = med(results, scenario, metric)
+        return None if v is None else (f"{v:.2f}x", v <= limit)
+
+    return check
+
+
 def _no_duplicates(results: Results) -> tuple[str, bool] | None:
     v = worst(results, "b6", "drain_duplicates")
     return None if v is None else (f"{v:.0f} (worst run)", v == 0)
@@ -156,6 +168,11 @@ TARGETS: list[Target] = [
         "hosts capture",
         "hosts: captured UPDATE ≥ 0.8x plain UPDATE",
         _ratio_at_least("hosts", "captured_vs_plain_update", 0.8),
+    ),
+    Target(
+        "hosts conditional",
+        "hosts: a conditional trigger's emit ≤ 1.2x the cost of an unconditional one",
+        _ratio_at_most("hosts", "tx_conditional_cost", 1.2),
     ),
     Target(
         "hosts bulk",

@@ -102,8 +102,13 @@ def policy_from_snapshot(text: str) -> tuple[RetryPolicy, float]:
 
 
 def trigger_from_record(row: asyncpg.Record) -> Trigger:
+    fields = row["fields"]
     return from_columns(
-        Trigger, row, ops=frozenset(Op(o) for o in row["ops"]), retry=policy_from_record(row)
+        Trigger,
+        row,
+        ops=frozenset(Op(o) for o in row["ops"]),
+        retry=policy_from_record(row),
+        fields=None if fields is None else tuple(fields),
     )
 
 

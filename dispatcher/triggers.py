@@ -3,13 +3,18 @@
 >>> registry = TriggerRegistry()
 >>> trigger = await registry.register(conn, scope="acme", name="welcome", namespace="users",
 ...     key_pattern="users/*", target="send_welcome", registered_by="user:7")
+>>> paid = await registry.register(conn, scope="acme", name="paid", namespace="orders",
+...     key_pattern="orders/*", target="ship", registered_by="user:7",
+...     when="changed(status) and new.status == 'paid'", fields=["id", "status"])
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from dispatcher.core.conditions import CompiledCondition, compile_condition
 from dispatcher.core.errors import InvalidInput, LimitExceeded, TriggerExists, TriggerNotFound
 from dispatcher.core.models import Op, RetryPolicy, Trigger, check_name
 from dispatcher.core.patterns import compile_pattern
@@ -67,11 +72,22 @@ class TriggerRegistry:
         execution_timeout: float = DEFAULT_TIMEOUT,
         enabled: bool = True,
         is_dead_letter_handler: bool = False,
+        when: str | None = None,
+        fields: Sequence[str] | None = None,
     ) -> Trigger:
         """Validate and store a trigger; raises a typed error naming the bad field.
 
+        ``when``: a condition the mutation must meet besides the pattern, over its op, key,
+        new and old values and which fields changed (:mod:`dispatcher.core.conditions`), for
+        example ``"changed(status) and new.status == 'paid'"``; checked in the emitting
+        transaction, so a mutation that does not meet it enqueues nothing for this trigger.
+        An invalid condition raises :class:`~dispatcher.core.conditions.ConditionError`,
+        pointing at the problem. ``fields``: the top-level fields of the value and the old
+        value this trigger's handler receives (the others are left out of its payload).
+
         A dead-letter handler trigger does not fire on mutations: it runs once for each new
-        dead letter of its scope whose event's namespace and key it matches.
+        dead letter of its scope whose event's namespace and key it matches (it takes
+        neither ``when`` nor ``fields``).
         """
         check_name("scope", scope)
         check_name("name", name)
@@ -84,6 +100,12 @@ class TriggerRegistry:
         if not isinstance(policy, RetryPolicy):
             raise InvalidInput("retry", policy, "must be a RetryPolicy")
         seconds = _check_timeout(execution_timeout)
+        condition = None if when is None else compile_condition(when)
+        selected = None if fields is None else _check_fields(fields)
+        if is_dead_letter_handler and (condition is not None or selected is not None):
+            raise InvalidInput(
+                "when", when, "a dead-letter handler trigger takes neither a condition nor fields"
+            )
         q = queries(self.schema)
         async with conn.transaction():
             await conn.execute(q.lock_scope, scope)
@@ -103,6 +125,8 @@ class TriggerRegistry:
                 bool(is_dead_letter_handler),
                 registered_by,
                 self.max_triggers_per_scope,
+                *_condition_columns(condition),
+                selected,
             )
             if row is None:
                 raise await self._refusal(conn, scope, name)
@@ -154,6 +178,34 @@ class TriggerRegistry:
         if row is None:
             raise TriggerNotFound(trigger_id)
         return trigger_from_record(row)
+
+
+def _condition_columns(condition: CompiledCondition | None) -> tuple[object, ...]:
+    """The condition columns of ``insert_trigger``: as written, compiled, its variables and
+    the field paths its ``changed(...)`` tests."""
+    if condition is None:
+        return (None, None, None, None)
+    return (
+        condition.source,
+        condition.jsonpath,
+        json.dumps(condition.variables, allow_nan=False),
+        json.dumps([list(path) for path in condition.changed]),
+    )
+
+
+MAX_FIELDS = 100
+
+
+def _check_fields(fields: Sequence[str]) -> list[str]:
+    if isinstance(fields, str) or not isinstance(fields, Sequence):
+        raise InvalidInput("fields", fields, "must be a list of field names")
+    if not 1 <= len(fields) <= MAX_FIELDS:
+        raise InvalidInput("fields", fields, f"must name 1 to {MAX_FIELDS} fields")
+    for f in fields:
+        check_name("fields", f)
+    if len(set(fields)) != len(fields):
+        raise InvalidInput("fields", fields, "names a field twice")
+    return list(fields)
 
 
 def _policy_columns(policy: RetryPolicy, timeout: float) -> tuple[object, ...]:

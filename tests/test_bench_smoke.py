@@ -51,6 +51,8 @@ POSITIVE = {
         "tx_emit_asyncpg",
         "tx_update_captured",
         "tx_captured_vs_plain_update",
+        "tx_emit_conditional",
+        "tx_conditional_cost",
     ],
 }
 ZERO = {

@@ -9,7 +9,7 @@ import click
 
 from dispatcher.cli.call import with_connection
 from dispatcher.cli.options import connection_options, json_option
-from dispatcher.cli.render import print_json, retry_summary, show, table
+from dispatcher.cli.render import clip, print_json, retry_summary, show, table
 from dispatcher.core.models import PARKABLE_KINDS, BackoffKind, RetryPolicy, Trigger
 from dispatcher.db import Connection
 from dispatcher.triggers import DEFAULT_TIMEOUT, TriggerRegistry
@@ -31,8 +31,8 @@ def triggers_list(dsn: str | None, schema: str, scope: str | None, as_json: bool
         print_json(list(found))
         return
     rows = table(
-        "id", "scope", "name", "namespace", "pattern", "ops", "target", "enabled", "dl handler",
-        "retry", "timeout",
+        "id", "scope", "name", "namespace", "pattern", "ops", "when", "fields", "target",
+        "enabled", "dl handler", "retry", "timeout",
     )  # fmt: skip
     for t in found:
         rows.add_row(
@@ -42,6 +42,8 @@ def triggers_list(dsn: str | None, schema: str, scope: str | None, as_json: bool
             t.namespace,
             t.key_pattern,
             ",".join(sorted(t.ops)),
+            clip(t.condition, 60) if t.condition is not None else "",
+            ",".join(t.fields) if t.fields is not None else "",
             t.target,
             "yes" if t.enabled else "no",
             "yes" if t.is_dead_letter_handler else "no",
@@ -97,6 +99,19 @@ def triggers_list(dsn: str | None, schema: str, scope: str | None, as_json: bool
     show_default=True,
     help="Run on the scope's new dead letters instead of on mutations.",
 )
+@click.option(
+    "--when",
+    metavar="CONDITION",
+    help='Fire only for mutations meeting it, e.g. "changed(status) and new.status == '
+    "'paid'\" (docs/embedding.md#conditional-triggers).",
+)
+@click.option(
+    "--field",
+    "fields",
+    multiple=True,
+    metavar="NAME",
+    help="Deliver only this top-level field of the value and the old value; repeatable.",
+)
 @click.option("--disabled", is_flag=True, help="Register it disabled.")
 def triggers_add(
     dsn: str | None,
@@ -118,6 +133,8 @@ def triggers_add(
     park_on: tuple[str, ...],
     timeout: float,
     dead_letter_handler: bool,
+    when: str | None,
+    fields: tuple[str, ...],
     disabled: bool,
 ) -> None:
     """Register a trigger. Retry settings left out take RetryPolicy's defaults."""
@@ -149,6 +166,8 @@ def triggers_add(
             execution_timeout=timeout,
             enabled=not disabled,
             is_dead_letter_handler=dead_letter_handler,
+            when=when,
+            fields=list(fields) or None,
         )
 
     trigger = with_connection(dsn, add)

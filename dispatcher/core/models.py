@@ -224,3 +224,7 @@ class Trigger:
     registered_by: str
     created_at: datetime
     updated_at: datetime
+    # The condition a mutation must meet (dispatcher.core.conditions), normalised; None: all.
+    condition: str | None = None
+    # The top-level fields of the value and the old value delivered; None: all of them.
+    fields: tuple[str, ...] | None = None

@@ -30,3 +30,25 @@ async def downgrade(dsn: str, revision: str, *, schema: str = "dispatcher") -> N
             await sa_conn.run_sync(_downgrade, schema, revision)
     finally:
         await engine.dispose()
+
+
+async def add_trigger_row(
+    conn: asyncpg.Connection, *, scope: str, name: str, namespace: str, prefix: str
+) -> int:
+    """A trigger matching ``prefix*``, written as SQL: the library's registry writes the
+    newest revision's columns, which an earlier revision's table may not have."""
+    return int(
+        await conn.fetchval(
+            """INSERT INTO dispatcher.triggers (scope, name, namespace, key_pattern,
+                   pattern_kind, match_prefix, ops, target, registered_by, retry_kind,
+                   retry_base_delay, retry_factor, retry_max_delay, retry_jitter,
+                   max_attempts, timeout, park_on)
+               VALUES ($1, $2, $3, $4 || '*', 'prefix', $4, '{put,delete}', $2, 'user:1',
+                   'exponential', 1, 2, 300, 0.1, 5, 30, '{}')
+               RETURNING id""",
+            scope,
+            name,
+            namespace,
+            prefix,
+        )
+    )

@@ -14,7 +14,7 @@ import anyio
 import asyncpg
 import pytest
 from cli_run import assert_error, ok, ok_json, run
-from schema_history import downgrade
+from schema_history import add_trigger_row, downgrade
 from test_hosts import HOSTS, Host
 from test_hosts import django_setup as django_setup  # autouse: Django configured for its hosts
 
@@ -441,7 +441,7 @@ async def test_migration_round_trip(empty_dsn: str) -> None:
         assert [f[2] for f in upgraded] == [f[2] for f in at_0009]  # grants kept
         assert all(role in f[2] for f in upgraded)
         assert all("backlog_caps" in f[1] and "54Q01" in f[3] for f in upgraded)
-        await trigger(conn)
+        await add_trigger_row(conn, scope="acme", name="t", namespace="users", prefix="users/")
         await emit_at_0010(conn, 1)
         await FLOW.set_backlog_cap(conn, "acme", 1)
         with pytest.raises(asyncpg.PostgresError) as refused:

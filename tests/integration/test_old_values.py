@@ -10,7 +10,7 @@ from typing import Any
 import anyio
 import asyncpg
 import pytest
-from schema_history import downgrade
+from schema_history import add_trigger_row, downgrade
 
 from dispatcher import (
     Dispatcher,
@@ -254,14 +254,14 @@ async def test_migration_round_trip_keeps_every_grant(empty_dsn: str) -> None:
         assert role in by_name["dispatcher.emit"][2]
         assert by_name["dispatcher.emit_many"][2] == at_0010[1][2]
         assert "=X/" not in by_name["dispatcher.capture_row"][2].replace("postgres=X/", "")
-        await register(conn, "watch", "watch", "users/*")
+        await add_trigger_row(conn, scope="acme", name="watch", namespace="users", prefix="users/")
         await emit(conn, Mutation("acme", "users", "users/1", Op.PUT, 2, old=1), autocommit=True)
 
         await downgrade(empty_dsn, "0010")
         assert await _functions(conn) == at_0010
         # The row enqueued with its old value is untouched.
         assert [p["old"] for p in await payloads(conn)] == [1]
-        await migrate(empty_dsn)
+        await migrate(empty_dsn, revision="0011")
         assert await _functions(conn) == upgraded
     finally:
         await conn.execute(f"DROP OWNED BY {role}")
