@@ -118,6 +118,9 @@ class Captures:
         async with conn.transaction():
             function = await _capture_function(conn, q, self.schema)
             oid, table_schema, table_name = await _resolve(conn, q, table, self.schema)
+            # Two adds of one table at once: the second waits here for the first to commit
+            # and then finds its trigger, instead of both creating one.
+            await _execute(conn, q.lock_table_ddl, table_schema, table_name)
             columns = {r["attname"]: r for r in await conn.fetch(q.columns, oid)}
             if keys is None:
                 keys = [r["attname"] for r in await conn.fetch(q.primary_key, oid)]

@@ -10,7 +10,10 @@ from dispatcher.core.errors import InvalidInput
 
 DEFAULT_SCHEMA = "dispatcher"
 VERSION_TABLE = "dispatcher_alembic_version"
-_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+# At most 58 characters: the wake-up channel is the name and "_wake", and a channel, like
+# any Postgres identifier, holds at most 63 bytes (a longer one fails every emit).
+MAX_SCHEMA_NAME_LENGTH = 58
+_SCHEMA_NAME = re.compile(rf"[a-z_][a-z0-9_]{{0,{MAX_SCHEMA_NAME_LENGTH - 1}}}")
 
 # The longest handler time limit a trigger may have (seconds).
 MAX_TIMEOUT = 3600.0
@@ -25,6 +28,6 @@ def check_schema_name(schema: str) -> str:
             "schema",
             schema,
             "must be a lower-case Postgres identifier: a letter or '_', then letters, digits "
-            "or '_', at most 63 characters",
+            f"or '_', at most {MAX_SCHEMA_NAME_LENGTH} characters",
         )
     return schema

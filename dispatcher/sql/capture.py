@@ -79,6 +79,10 @@ class CaptureSql(Statements):
                 $1::text, $2::text, $3::text, '{schema}'::text,
                 (SELECT string_agg(quote_literal(a), ', ' ORDER BY i)
                  FROM unnest($4::text[]) WITH ORDINALITY AS u(a, i)))"""
+        # The lock CREATE TRIGGER takes, taken first.
+        self.lock_table_ddl = (
+            "SELECT format('LOCK TABLE %I.%I IN SHARE ROW EXCLUSIVE MODE', $1::text, $2::text)"
+        )
         self.drop_trigger_ddl = (
             "SELECT format('DROP TRIGGER %I ON %I.%I', $1::text, $2::text, $3::text)"
         )

@@ -596,6 +596,38 @@ REFUSALS: list[tuple[str, dict[str, Any], str, str]] = [
 ]
 
 
+async def test_two_adds_at_once_leave_one_trigger(dsn: str, conn: asyncpg.Connection) -> None:
+    await conn.execute("CREATE TABLE accounts (id int PRIMARY KEY)")
+    await trigger(conn)
+    other = await asyncpg.connect(dsn)
+    try:
+        # The first add's transaction stays open (its trigger uncommitted) while the second
+        # starts: the second waits for the table's lock, then finds the first's trigger.
+        tx = conn.transaction()
+        await tx.start()
+        await CAPTURES.add(conn, "accounts", namespace="accounts", scope="acme")
+        async with anyio.create_task_group() as tg:
+            outcomes: list[str] = []
+
+            async def second() -> None:
+                outcomes.append(
+                    (await CAPTURES.add(other, "accounts", namespace="accounts", scope="acme"))[1]
+                )
+
+            tg.start_soon(second)
+            with anyio.fail_after(10):
+                # Each query yields to the second add; the loop ends on the lock, not on time.
+                waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = $1"
+                accounts = await conn.fetchval("SELECT 'accounts'::regclass::oid")
+                while not await conn.fetchval(waiting, accounts):
+                    pass
+            await tx.commit()
+        assert outcomes == ["unchanged"]
+        assert len(await capture_triggers(conn)) == 1
+    finally:
+        await other.close()
+
+
 @pytest.mark.parametrize(
     ("table", "kw", "field", "reason"), REFUSALS, ids=[f"{t}-{f}" for t, _, f, _ in REFUSALS]
 )
