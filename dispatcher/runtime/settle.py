@@ -138,7 +138,6 @@ def _step(s: Settlement, redactor: Redactor) -> _Step:
 class _Applied:
     # Per settlement, in batch order: did its fenced write change its row?
     applied: list[bool]
-    replied: bool = False
     unparked: int = 0
     breakers_closed: list[int] = field(default_factory=list)
     breakers_opened: list[int] = field(default_factory=list)
@@ -251,20 +250,27 @@ class Applier:
 
     async def _apply(self, conn: Connection, items: Sequence[Settlement]) -> None:
         steps = [_step(s, self._redactor) for s in items]
+        heard: list[tuple[Settlement, Reply]] = []
+        unheard: list[tuple[Settlement, Reply]] = []
         async with conn.transaction():
             done = await self._write(conn, items, steps)
+            for s, applied in zip(items, done.applied, strict=True):
+                if applied and isinstance(s.decision, Reply):
+                    waited = self._inbox.is_waiting(str(s.row.reply_to))
+                    (heard if waited else unheard).append((s, s.decision))
+            if unheard:
+                # Nobody in this process waits for these replies (the caller is another
+                # process, dead, or gave up): recorded in the transaction that deletes their
+                # rows, so a crash right after the commit cannot lose what the caller would
+                # have been told.
+                await self._insert_abandoned(conn, unheard)
         # Committed. Only now may a reply leave: the row is gone, so it is delivered at most
         # once, and only by the holder of the live lease.
         self._count(steps, done)
-        if done.replied:
-            await self._deliver(
-                conn,
-                [
-                    (s, s.decision)
-                    for s, applied in zip(items, done.applied, strict=True)
-                    if applied and isinstance(s.decision, Reply)
-                ],
-            )
+        if unheard:
+            self._abandoned(len(unheard))
+        if heard:
+            await self._deliver(conn, heard)
 
     async def _write(
         self, conn: Connection, items: Sequence[Settlement], steps: Sequence[_Step]
@@ -294,7 +300,6 @@ class Applier:
         done.applied = [
             s.row.id in written[step.write].ids for s, step in zip(items, steps, strict=True)
         ]
-        done.replied = REPLY in written
         settled = [(s.row, s.decision, ok) for s, ok in zip(items, done.applied, strict=True)]
         done.breakers_opened = await feed_breakers(conn, self._sql, self._breaker, settled)
         done.holds = await hold_rate_limited(conn, self._sql, settled)
@@ -330,14 +335,17 @@ class Applier:
                 abandoned.append((s, reply))
         if not abandoned:
             return
+        # The receiver gave up between the commit and now: kept for good, durable too.
         async with conn.transaction():
-            # What a gone caller would have been told is kept for good: durable too.
             await conn.execute(self._sql.durable_commit)
             await self._insert_abandoned(conn, abandoned)
-        self._stats.abandoned += len(abandoned)
+        self._abandoned(len(abandoned))
+
+    def _abandoned(self, count: int) -> None:
+        self._stats.abandoned += count
         log.info(
             "sync replies abandoned (receiver gone)",
-            extra={"event": "dispatcher.abandoned", "count": len(abandoned)},
+            extra={"event": "dispatcher.abandoned", "count": count},
         )
 
     async def _insert_abandoned(

@@ -29,6 +29,8 @@ from dispatcher import (
     emit_many,
 )
 from dispatcher.kv import KvStore
+from dispatcher.runtime.settle import Applier
+from dispatcher.sql import queries
 
 pytestmark = pytest.mark.anyio
 
@@ -255,6 +257,32 @@ async def test_sync_caller_that_gave_up_leaves_an_abandoned_row(
     [row] = await table(conn, "abandoned_executions")
     assert (row["status"], row["outcome"], json.loads(row["result"])) == (200, "success", "late")
     assert row["trigger_id"] == tid
+    assert await table(conn, "outbox") == []
+
+
+async def test_a_dead_callers_reply_is_recorded_with_its_rows_settlement(
+    dsn: str, conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A synchronous row whose calling process died: its reply is recorded as abandoned in
+    the transaction that deletes the row, never in a later one a crash could lose."""
+    tid = await trigger(conn, "slow", "slow")
+    q = queries()
+    await conn.fetchrow(
+        q.insert_invocation,
+        uuid.uuid4(), json.dumps({"x": 1}), 0, "gone-inbox:1", "gone-inbox", -1.0, tid,
+        uuid.uuid4(), 0.0,
+    )  # fmt: skip
+    # Its lease ran out with its process.
+    await conn.execute("UPDATE dispatcher.outbox SET due_at = clock_timestamp() - interval '1s'")
+
+    async def after_commit(*_: object) -> None:
+        raise AssertionError("a reply nobody waits for was left to a second transaction")
+
+    monkeypatch.setattr(Applier, "_deliver", after_commit)
+    stats = await Dispatcher(dsn, HandlerRegistry(), config=CONFIG).run_until_idle()
+    assert stats.abandoned == 1
+    [row] = await table(conn, "abandoned_executions")
+    assert (row["reply_to"], row["trigger_id"], row["outcome"]) == ("gone-inbox:1", tid, "failure")
     assert await table(conn, "outbox") == []
 
 
