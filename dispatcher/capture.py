@@ -57,6 +57,7 @@ class CaptureNotFound(InvalidInput):
 class Capture:
     """One captured table: how its rows become mutations."""
 
+    table: str  # as SQL names it: schema.table, quoted where it must be
     table_schema: str
     table_name: str
     namespace: str
@@ -66,11 +67,6 @@ class Capture:
     scope_column: str | None
     trigger: str
     enabled: bool = True
-
-    @property
-    def table(self) -> str:
-        """The table as SQL would name it (``schema.table``, quoted where it must be)."""
-        return f"{_ident(self.table_schema)}.{_ident(self.table_name)}"
 
     def arguments(self) -> list[str]:
         """capture_row's arguments for this capture."""
@@ -117,7 +113,7 @@ class Captures:
             check_name("scope", scope)
         async with conn.transaction():
             function = await _capture_function(conn, q, self.schema)
-            oid, table_schema, table_name = await _resolve(conn, q, table, self.schema)
+            oid, table_schema, table_name, qualified = await _resolve(conn, q, table, self.schema)
             # Two adds of one table at once: the second waits here for the first to commit
             # and then finds its trigger, instead of both creating one.
             await _execute(conn, q.lock_table_ddl, table_schema, table_name)
@@ -135,6 +131,7 @@ class Captures:
             if prefix:
                 check_name("key_prefix", prefix, max_length=MAX_KEY_LENGTH)
             wanted = Capture(
+                qualified,
                 table_schema,
                 table_name,
                 namespace,
@@ -171,7 +168,7 @@ class Captures:
     async def get(self, conn: Connection, table: str) -> Capture | None:
         q = CaptureSql(self.schema)
         function = await _capture_function(conn, q, self.schema)
-        oid, _, _ = await _resolve(conn, q, table, self.schema)
+        oid, *_ = await _resolve(conn, q, table, self.schema)
         found = _captures(await conn.fetch(q.captures, function, oid))
         return found[0] if found else None
 
@@ -181,7 +178,7 @@ class Captures:
         q = CaptureSql(self.schema)
         async with conn.transaction():
             function = await _capture_function(conn, q, self.schema)
-            oid, _, _ = await _resolve(conn, q, table, self.schema)
+            oid, *_ = await _resolve(conn, q, table, self.schema)
             found = _captures(await conn.fetch(q.captures, function, oid))
             if not found:
                 raise CaptureNotFound(table)
@@ -218,7 +215,7 @@ async def _check_partitions(
     partitioned table one of whose partitions is captured on its own."""
     ancestor = await conn.fetchrow(q.captured_ancestor, function, oid)
     if ancestor is not None:
-        parent = f"{_ident(ancestor['nspname'])}.{_ident(ancestor['relname'])}"
+        parent = ancestor["qualified"]
         raise InvalidInput(
             "table",
             table,
@@ -226,7 +223,7 @@ async def _check_partitions(
         )
     partition = await conn.fetchrow(q.captured_partition, function, oid)
     if partition is not None:
-        own = f"{_ident(partition['nspname'])}.{_ident(partition['relname'])}"
+        own = partition["qualified"]
         raise InvalidInput(
             "table",
             table,
@@ -236,7 +233,8 @@ async def _check_partitions(
 
 async def _resolve(
     conn: Connection, q: CaptureSql, table: str, schema: str
-) -> tuple[int, str, str]:
+) -> tuple[int, str, str, str]:
+    """The table's oid, schema, name, and the name as SQL writes it."""
     if not isinstance(table, str) or not table.strip():
         raise InvalidInput("table", table, "must be a table name")
     try:
@@ -259,7 +257,7 @@ async def _resolve(
         raise InvalidInput("table", table, "is one of dispatcher's own tables")
     if row["nspname"] in _SYSTEM_SCHEMAS or row["nspname"].startswith("pg_toast"):
         raise InvalidInput("table", table, "is a system table")
-    return int(row["oid"]), str(row["nspname"]), str(row["relname"])
+    return int(row["oid"]), str(row["nspname"]), str(row["relname"]), str(row["qualified"])
 
 
 def _check_column(
@@ -303,6 +301,7 @@ def _captures(rows: Sequence[asyncpg.Record]) -> list[Capture]:
         kind, arg = args[2], args[3]
         found.append(
             Capture(
+                r["qualified"],
                 r["nspname"],
                 r["relname"],
                 args[1],
@@ -315,10 +314,3 @@ def _captures(rows: Sequence[asyncpg.Record]) -> list[Capture]:
             )
         )
     return found
-
-
-def _ident(name: str) -> str:
-    """``name`` as SQL reads it: quoted unless it is a plain lower-case identifier."""
-    if name.isidentifier() and name == name.lower() and name.isascii():
-        return name
-    return '"' + name.replace('"', '""') + '"'

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dispatcher.sql.common import Statements
 
+# A table as SQL names it: schema and name, each quoted where it must be (keywords too).
+QUALIFIED = "format('%I.%I', n.nspname, c.relname) AS qualified"
+
 
 class CaptureSql(Statements):
     """The statements of :mod:`dispatcher.capture`."""
@@ -21,8 +24,8 @@ class CaptureSql(Statements):
         # asyncpg prepares the statement, and its oid outlive a downgrade.
         self.capture_function = f"SELECT to_regprocedure('{s}.capture_row()')::oid"
         self.parse_name = "SELECT parse_ident($1)"
-        self.table = """
-            SELECT c.oid, n.nspname, c.relname, c.relkind::text AS relkind
+        self.table = f"""
+            SELECT c.oid, n.nspname, c.relname, c.relkind::text AS relkind, {QUALIFIED}
             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
             WHERE c.oid = to_regclass($1)"""
         # The table's columns, with the base type of a domain.
@@ -43,8 +46,9 @@ class CaptureSql(Statements):
             ORDER BY k.ord"""
         # The captures: triggers running the capture function (a partition's clone of its
         # parent's trigger is not one of its own). $1: the function; $2: one table or all.
-        self.captures = """
-            SELECT tg.tgname, n.nspname, c.relname, tg.tgargs, tg.tgenabled <> 'D' AS enabled
+        self.captures = f"""
+            SELECT tg.tgname, n.nspname, c.relname, {QUALIFIED}, tg.tgargs,
+                tg.tgenabled <> 'D' AS enabled
             FROM pg_trigger tg
                 JOIN pg_class c ON c.oid = tg.tgrelid
                 JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -54,8 +58,8 @@ class CaptureSql(Statements):
         # A capture of a partition's ancestor (its rows are captured through it), or of a
         # partition of a partitioned table (its rows would be captured twice). $1: the
         # function; $2: the table.
-        self.captured_ancestor = """
-            SELECT n.nspname, c.relname
+        self.captured_ancestor = f"""
+            SELECT {QUALIFIED}
             FROM pg_partition_ancestors($2::oid::regclass) a
                 JOIN pg_trigger tg ON tg.tgrelid = a.relid AND tg.tgfoid = $1
                     AND tg.tgparentid = 0
@@ -63,8 +67,8 @@ class CaptureSql(Statements):
                 JOIN pg_namespace n ON n.oid = c.relnamespace
             WHERE a.relid <> $2::oid
             ORDER BY n.nspname, c.relname LIMIT 1"""
-        self.captured_partition = """
-            SELECT n.nspname, c.relname
+        self.captured_partition = f"""
+            SELECT {QUALIFIED}
             FROM pg_partition_tree($2::oid::regclass) p
                 JOIN pg_trigger tg ON tg.tgrelid = p.relid AND tg.tgfoid = $1
                     AND tg.tgparentid = 0

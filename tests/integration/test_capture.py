@@ -433,6 +433,17 @@ async def test_hostile_identifiers(write: Writer, dsn: str, conn: asyncpg.Connec
     assert len(await outbox(conn)) == 1
 
 
+async def test_a_table_named_by_a_keyword_is_written_back_quoted(
+    dsn: str, conn: asyncpg.Connection
+) -> None:
+    await conn.execute('CREATE TABLE "order" (id int PRIMARY KEY)')
+    await trigger(conn, namespace="order")
+    capture, _ = await CAPTURES.add(conn, '"order"', namespace="order", scope="acme")
+    assert capture.table == 'public."order"'  # "public.order" would not parse as a name
+    assert await CAPTURES.list(conn) == [capture]
+    assert (await CAPTURES.remove(conn, capture.table)).table == capture.table
+
+
 async def test_a_partitioned_table_is_captured_through_its_parent(
     dsn: str, conn: asyncpg.Connection
 ) -> None:

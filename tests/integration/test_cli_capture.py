@@ -87,6 +87,7 @@ async def test_add_list_remove(dsn: str, conn: asyncpg.Connection) -> None:
     assert listed[-1] == "2 captured table(s)"
     assert await ok_json("capture", "list", "--dsn", dsn) == [
         {
+            "table": 'public."Odd ""Name"" t"',
             "table_schema": "public",
             "table_name": 'Odd "Name" t',
             "namespace": "odd",
@@ -98,6 +99,7 @@ async def test_add_list_remove(dsn: str, conn: asyncpg.Connection) -> None:
             "enabled": True,
         },
         {
+            "table": "public.accounts",
             "table_schema": "public",
             "table_name": "accounts",
             "namespace": "accounts",
