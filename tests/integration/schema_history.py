@@ -3,6 +3,8 @@ downgrade, which the library itself never runs), for the migration round-trip te
 
 from __future__ import annotations
 
+from typing import Any
+
 import asyncpg
 from alembic import command
 from sqlalchemy import Connection
@@ -30,6 +32,19 @@ async def downgrade(dsn: str, revision: str, *, schema: str = "dispatcher") -> N
             await sa_conn.run_sync(_downgrade, schema, revision)
     finally:
         await engine.dispose()
+
+
+_FUNCTIONS = """
+    SELECT p.oid::regprocedure::text AS signature, pg_get_functiondef(p.oid) AS definition,
+        p.proacl::text AS acl, obj_description(p.oid, 'pg_proc') AS comment
+    FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+    WHERE n.nspname = 'dispatcher' ORDER BY p.proname"""
+
+
+async def functions(conn: asyncpg.Connection) -> list[tuple[Any, ...]]:
+    """The library's functions as a revision leaves them: signature, definition, grants
+    and comment, to compare across an upgrade and a downgrade."""
+    return [tuple(r) for r in await conn.fetch(_FUNCTIONS)]
 
 
 async def add_trigger_row(

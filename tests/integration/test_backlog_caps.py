@@ -14,7 +14,7 @@ import anyio
 import asyncpg
 import pytest
 from cli_run import assert_error, ok, ok_json, run
-from schema_history import add_trigger_row, downgrade
+from schema_history import add_trigger_row, downgrade, functions
 from test_hosts import HOSTS, Host
 from test_hosts import django_setup as django_setup  # autouse: Django configured for its hosts
 
@@ -404,17 +404,6 @@ async def test_cli_set_list_remove(dsn: str, conn: asyncpg.Connection) -> None:
 # --- the migration ---
 
 
-FUNCTIONS = """
-    SELECT p.proname, pg_get_functiondef(p.oid) AS definition, p.proacl::text AS acl,
-        obj_description(p.oid, 'pg_proc') AS comment
-    FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-    WHERE n.nspname = 'dispatcher' ORDER BY p.proname"""
-
-
-async def _functions(conn: asyncpg.Connection) -> list[tuple[Any, ...]]:
-    return [tuple(r) for r in await conn.fetch(FUNCTIONS)]
-
-
 async def emit_at_0010(conn: asyncpg.Connection, n: int) -> None:
     """An emit as a SQL caller makes it at 0009 and 0010 (the library needs 0011)."""
     await conn.execute(
@@ -434,10 +423,10 @@ async def test_migration_round_trip(empty_dsn: str) -> None:
         await conn.execute(
             f"GRANT EXECUTE ON FUNCTION dispatcher.emit, dispatcher.emit_many TO {role}"
         )
-        at_0009 = await _functions(conn)
+        at_0009 = await functions(conn)
         await migrate(empty_dsn, revision="0010")
-        upgraded = await _functions(conn)
-        assert [f[0] for f in upgraded] == ["emit", "emit_many"]
+        upgraded = await functions(conn)
+        assert [f[0].split("(")[0] for f in upgraded] == ["dispatcher.emit", "dispatcher.emit_many"]
         assert [f[2] for f in upgraded] == [f[2] for f in at_0009]  # grants kept
         assert all(role in f[2] for f in upgraded)
         assert all("backlog_caps" in f[1] and "54Q01" in f[3] for f in upgraded)
@@ -449,13 +438,13 @@ async def test_migration_round_trip(empty_dsn: str) -> None:
         assert refused.value.sqlstate == BACKLOG_FULL_SQLSTATE
 
         await downgrade(empty_dsn, "0009")
-        assert await _functions(conn) == at_0009
+        assert await functions(conn) == at_0009
         assert await conn.fetchval("SELECT to_regclass('dispatcher.backlog_caps')") is None
         await emit_at_0010(conn, 2)  # no cap any more
         assert await conn.fetchval("SELECT count(*) FROM dispatcher.outbox") == 2
 
         await migrate(empty_dsn, revision="0010")
-        assert await _functions(conn) == upgraded
+        assert await functions(conn) == upgraded
         assert await FLOW.backlog_caps(conn) == []
     finally:
         await conn.execute(f"DROP OWNED BY {role}")

@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 import pytest
 from cli_run import ok, ok_json, run
-from schema_history import downgrade
+from schema_history import downgrade, functions
 
 from dispatcher import (
     Captures,
@@ -206,18 +206,16 @@ async def test_cli_adds_and_lists_conditions(dsn: str) -> None:
 
 async def test_migration_round_trip(empty_dsn: str) -> None:
     """0012 up, down (0011's functions back exactly, the columns gone) and up again."""
-    from test_old_values import _functions
-
     await migrate(empty_dsn, revision="0011")
     conn = await asyncpg.connect(empty_dsn)
     try:
-        at_0011 = await _functions(conn)
+        at_0011 = await functions(conn)
         await migrate(empty_dsn, revision="0012")
-        upgraded = await _functions(conn)
+        upgraded = await functions(conn)
         await trigger(conn, "paid", when=PAID)
         await emit(conn, order(1, "paid", old="open"), autocommit=True)
         await downgrade(empty_dsn, "0011")
-        assert await _functions(conn) == at_0011
+        assert await functions(conn) == at_0011
         columns = await conn.fetchval(
             """SELECT count(*) FROM information_schema.columns
                WHERE table_schema = 'dispatcher' AND table_name = 'triggers'
@@ -225,7 +223,7 @@ async def test_migration_round_trip(empty_dsn: str) -> None:
         )
         assert columns == 0
         await migrate(empty_dsn, revision="0012")
-        assert await _functions(conn) == upgraded
+        assert await functions(conn) == upgraded
         assert len(await enqueued(conn)) == 1
     finally:
         await conn.close()

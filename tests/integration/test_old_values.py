@@ -10,7 +10,7 @@ from typing import Any
 import anyio
 import asyncpg
 import pytest
-from schema_history import add_trigger_row, downgrade
+from schema_history import add_trigger_row, downgrade, functions
 
 from dispatcher import (
     Dispatcher,
@@ -221,17 +221,6 @@ async def test_old_values_are_checked_like_values_before_anything_is_sent(
 # --- the migration ---
 
 
-FUNCTIONS = """
-    SELECT p.oid::regprocedure::text AS signature, pg_get_functiondef(p.oid) AS definition,
-        p.proacl::text AS acl, obj_description(p.oid, 'pg_proc') AS comment
-    FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-    WHERE n.nspname = 'dispatcher' ORDER BY p.proname"""
-
-
-async def _functions(conn: asyncpg.Connection) -> list[tuple[Any, ...]]:
-    return [tuple(r) for r in await conn.fetch(FUNCTIONS)]
-
-
 async def test_migration_round_trip_keeps_every_grant(empty_dsn: str) -> None:
     """0011 up (the emit functions replaced, their grants made again), down (0010's
     functions back exactly) and up again."""
@@ -241,9 +230,9 @@ async def test_migration_round_trip_keeps_every_grant(empty_dsn: str) -> None:
     try:
         await conn.execute(f"CREATE ROLE {role} NOLOGIN")
         await conn.execute(f"GRANT EXECUTE ON FUNCTION dispatcher.emit TO {role}")
-        at_0010 = await _functions(conn)
+        at_0010 = await functions(conn)
         await migrate(empty_dsn, revision="0011")
-        upgraded = await _functions(conn)
+        upgraded = await functions(conn)
         signatures = [f[0] for f in upgraded]
         assert "dispatcher.capture_row()" in signatures
         by_name = {f[0].split("(")[0]: f for f in upgraded}
@@ -258,11 +247,11 @@ async def test_migration_round_trip_keeps_every_grant(empty_dsn: str) -> None:
         await emit(conn, Mutation("acme", "users", "users/1", Op.PUT, 2, old=1), autocommit=True)
 
         await downgrade(empty_dsn, "0010")
-        assert await _functions(conn) == at_0010
+        assert await functions(conn) == at_0010
         # The row enqueued with its old value is untouched.
         assert [p["old"] for p in await payloads(conn)] == [1]
         await migrate(empty_dsn, revision="0011")
-        assert await _functions(conn) == upgraded
+        assert await functions(conn) == upgraded
     finally:
         await conn.execute(f"DROP OWNED BY {role}")
         await conn.execute(f"DROP ROLE {role}")
