@@ -1,7 +1,8 @@
 """``python -m bench all`` or ``python -m bench <scenario> [<scenario> …]``.
 
 Scenarios: raw, pgqueuer, b1 … b11, scaling, hosts (emitting from each host, table capture
-and bulk, side by side). Each runs its measurement 3 times back to back (``--runs``) and
+and bulk, side by side), keys (an ordered trigger's drain against an unordered one's; a hot
+key's latest-state coalescing). Each runs its measurement 3 times back to back (``--runs``) and
 reports medians; results are merged into ``bench/results/latest.json`` and a chart is
 written to ``docs/benchmarks.png``.
 """
@@ -17,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
-from bench import hosts, pgq, raw, scenarios
+from bench import hosts, keys, pgq, raw, scenarios
 from bench.core import (
     DEFAULT_DSN,
     REPO_DIR,
@@ -50,6 +51,8 @@ SCENARIOS: dict[str, Scenario] = {
     "scaling": scenarios.scaling,
     "b11": scenarios.b11,
     "hosts": hosts.run,
+    "keys": keys.run,
+    "tracing": scenarios.tracing,
 }
 
 

@@ -111,6 +111,10 @@ class Sizes:
     steady_rate: float = 500.0
     # B5's one time-boxed run with the default circuit breaker.
     breaker_probe_seconds: float = 15.0
+    # The keys scenario: the ordered drain's distinct keys, and how long one key is hot
+    # (issue 14: 10,000 keys, 30 s).
+    ordered_keys: int = 10_000
+    hot_key_seconds: float = 30.0
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -133,6 +137,8 @@ class Sizes:
             steady_seconds=3.0,
             steady_rate=100.0,
             breaker_probe_seconds=3.0,
+            ordered_keys=100,
+            hot_key_seconds=1.0,
         )
 
     @classmethod
@@ -159,6 +165,8 @@ class Sizes:
             steady_seconds=1.5,
             steady_rate=50.0,
             breaker_probe_seconds=1.0,
+            ordered_keys=50,
+            hot_key_seconds=0.5,
         )
 
 

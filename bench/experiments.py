@@ -337,19 +337,11 @@ async def emit_plan(ctx: Context, triggers: int) -> None:
 
 
 def _emit_args(mutations: list[dispatcher.Mutation]) -> tuple[object, ...]:
-    """The arguments ``emit_many`` passes to the ``emit_many`` SQL function."""
-    return (
-        [m.event_id for m in mutations],
-        [m.scope for m in mutations],
-        [m.namespace for m in mutations],
-        [m.key for m in mutations],
-        [m.op.value for m in mutations],
-        [json.dumps(m.value, separators=(",", ":")) for m in mutations],
-        [m.depth for m in mutations],
-        [m.root for m in mutations],
-        100,
-        False,
-    )
+    """The arguments ``emit_many`` passes to the ``emit_many`` SQL function (``queries().emit``),
+    as it builds them."""
+    call = dispatcher.Emitter()._many(mutations)
+    assert call is not None
+    return call[1]
 
 
 async def emit_cost(ctx: Context, n: int) -> None:

@@ -34,6 +34,8 @@ async def register_triggers(
     target: str = TARGET,
     retry: RetryPolicy | None = None,
     name: str = "t",
+    ordering: str | None = None,
+    delivery: str = "all",
 ) -> list[int]:
     """``count`` triggers that all match ``pattern`` (a fan-out of ``count`` per mutation)."""
     registry = dispatcher.TriggerRegistry(max_triggers_per_scope=max(1000, count + 10))
@@ -48,6 +50,8 @@ async def register_triggers(
             target=target,
             registered_by=PRINCIPAL,
             retry=retry,
+            ordering=ordering,
+            delivery=delivery,
         )
         ids.append(t.id)
     return ids
@@ -82,14 +86,27 @@ async def register_crowd(conn: asyncpg.Connection, scope: str, count: int) -> No
 
 
 async def seed_outbox(
-    conn: asyncpg.Connection, rows: int, *, chunk: int = 2_000, prefix: str = "k"
+    conn: asyncpg.Connection,
+    rows: int,
+    *,
+    chunk: int = 2_000,
+    prefix: str = "k",
+    keys: int | None = None,
 ) -> None:
     """``rows`` due outbox rows (one trigger must match ``prefix/*``), by bulk emit, then
-    VACUUM ANALYZE as autovacuum would have done on a live system."""
+    VACUUM ANALYZE as autovacuum would have done on a live system. With ``keys``, the rows
+    spread over that many keys (row i mutates key i % keys)."""
     for start in range(0, rows, chunk):
-        batch = [mutation(i, prefix=prefix) for i in range(start, min(rows, start + chunk))]
+        batch = [
+            mutation(i, prefix=prefix) if keys is None else _on_key(i, keys, prefix)
+            for i in range(start, min(rows, start + chunk))
+        ]
         await dispatcher.emit_many(conn, batch, autocommit=True)
     await conn.execute("VACUUM ANALYZE dispatcher.outbox")
+
+
+def _on_key(i: int, keys: int, prefix: str) -> Mutation:
+    return Mutation(SCOPE, NAMESPACE, f"{prefix}/{i % keys}", Op.PUT, {"n": i, "tag": "bench"})
 
 
 def payload_text(i: int) -> str:

@@ -200,6 +200,56 @@ def _has_breaker() -> bool:
     return hasattr(dispatcher.DispatcherConfig(), "breaker_threshold")
 
 
+async def tracing(ctx: Context) -> ScenarioResult:
+    """B4 with and without tracing, alternately first: the cost of a span per execution."""
+    result = ScenarioResult("tracing", "B4 drain with and without OpenTelemetry tracing")
+    rows = ctx.sizes.drain_rows
+    result.notes.append(
+        f"{rows} rows emitted inside a span (each carries a traceparent), one process; "
+        "traced: the SDK's TracerProvider, BatchSpanProcessor, an exporter that drops spans"
+    )
+
+    async def once(i: int) -> str:
+        rates: dict[bool, float] = {}
+        for traced in (False, True) if i % 2 == 0 else (True, False):
+            rates[traced] = await _traced_drain(ctx, rows, traced)
+        result.add("untraced", "rows/s", rates[False])
+        result.add("traced", "rows/s", rates[True])
+        result.add("traced_ratio", "x", rates[True] / rates[False])
+        return (
+            f"traced {rates[True]:,.0f} rows/s vs untraced {rates[False]:,.0f} "
+            f"({rates[True] / rates[False]:.2f}x)"
+        )
+
+    await repeat(ctx, result, once)
+    return result
+
+
+async def _traced_drain(ctx: Context, rows: int, traced: bool) -> float:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    label = "traced" if traced else "untraced"
+    async with ctx.database(label) as dsn:
+        conn = await asyncpg.connect(dsn)
+        provider = TracerProvider()
+        dispatcher.tracing.enable(provider)
+        try:
+            await register_triggers(conn, 1)
+            with provider.get_tracer("bench").start_as_current_span("seed"):
+                await seed_outbox(conn, rows)
+            carried = await conn.fetchval(
+                "SELECT count(traceparent) FROM dispatcher.outbox WHERE traceparent LIKE '00-%'"
+            )
+            if carried != rows:
+                raise RuntimeError(f"{carried} of {rows} seeded rows carry a traceparent")
+        finally:
+            dispatcher.tracing.disable()
+            await conn.close()
+        args = ("--tracing",) if traced else ()
+        run = await drain(ctx, dsn, rows=rows, processes=1, worker_args=args, label=label)
+    return run.rate
+
+
 async def b4(ctx: Context) -> ScenarioResult:
     result = ScenarioResult("b4", "B4 drain, no-op async handler, 1 process")
     rows = ctx.sizes.drain_rows

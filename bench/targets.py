@@ -175,6 +175,16 @@ TARGETS: list[Target] = [
         _ratio_at_most("hosts", "tx_conditional_cost", 1.2),
     ),
     Target(
+        "keys order",
+        "keys: an ordered trigger drains ≥ 0.7x an unordered one (10,000 keys)",
+        _ratio_at_least("keys", "ordered_ratio", 0.7),
+    ),
+    Target(
+        "keys latest",
+        "keys: a hot key (30 s) makes ≥ 100x fewer latest-state handler calls than mutations",
+        _ratio_at_least("keys", "hot_coalescing", 100.0),
+    ),
+    Target(
         "hosts bulk",
         "hosts: SQL emit_many() ≥ 1.0x emit_many",
         _ratio_at_least("hosts", "bulk_function_vs_emit_many", 1.0),

@@ -95,6 +95,8 @@ async def consume(args: argparse.Namespace) -> None:
         if n % 10 == 5 and ctx.attempt == 1:
             raise RuntimeError("bench: transient failure")
 
+    if args.tracing:
+        _enable_tracing()
     handlers = dispatcher.HandlerRegistry()
     handlers.register("noop", b5 if args.behaviour == "b5" else noop)
     settings = {"listen": not args.no_listen, **_overrides(args.config)}
@@ -249,6 +251,21 @@ def _stop_profiler(profiler: Any, path: str | None) -> None:
     Path(path).with_suffix(".html").write_text(profiler.output_html())
 
 
+def _enable_tracing() -> None:
+    """As an application would: the SDK's provider with a batch processor, here exporting
+    to nowhere, so that the cost measured is the dispatcher's spans, not a collector's."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    class Discard(SpanExporter):
+        def export(self, spans: object) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(Discard()))
+    dispatcher.tracing.enable(provider)
+
+
 def main(argv: list[str] | None = None) -> None:
     # Like a deployment: the dispatcher's log records are formatted and written somewhere
     # (here /dev/null, so the bench's output stays readable).
@@ -269,6 +286,12 @@ def main(argv: list[str] | None = None) -> None:
         help="a DispatcherConfig field (repeatable), e.g. batch_size=500",
     )
     c.add_argument("--count-queries", action="store_true")
+    c.add_argument(
+        "--tracing",
+        action="store_true",
+        help="trace every execution: the OpenTelemetry SDK, batched to an exporter that "
+        "drops the spans",
+    )
     c.add_argument("--profile", default=None, help="write a pyinstrument profile here")
     p = sub.add_parser("produce")
     p.add_argument("--dsn", required=True)

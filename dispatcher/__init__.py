@@ -39,7 +39,17 @@ if TYPE_CHECKING:
         TriggerExists,
         TriggerNotFound,
     )
-    from dispatcher.core.models import BackoffKind, JsonValue, Mutation, Op, RetryPolicy, Trigger
+    from dispatcher.core.models import (
+        BackoffKind,
+        Delivery,
+        JsonValue,
+        Mutation,
+        OnDeadLetter,
+        Op,
+        Ordering,
+        RetryPolicy,
+        Trigger,
+    )
     from dispatcher.core.outcomes import (
         DeadLetterReason,
         Failure,
@@ -114,6 +124,9 @@ _LAZY: dict[str, str] = {
     "Mutation": "dispatcher.core.models",
     "NotRunning": "dispatcher.runtime.dispatcher",
     "Op": "dispatcher.core.models",
+    "OnDeadLetter": "dispatcher.core.models",
+    "Ordering": "dispatcher.core.models",
+    "Delivery": "dispatcher.core.models",
     "PermanentError": "dispatcher.runtime.handlers",
     "PermissionDenied": "dispatcher.runtime.handlers",
     "Phase": "dispatcher.runtime.stats",
@@ -164,6 +177,7 @@ __all__ = [
     "DeadLetterFilter",
     "DeadLetterNotFound",
     "DeadLetterReason",
+    "Delivery",
     "Dispatcher",
     "DispatcherConfig",
     "DispatcherError",
@@ -187,7 +201,9 @@ __all__ = [
     "LimitExceeded",
     "Mutation",
     "NotRunning",
+    "OnDeadLetter",
     "Op",
+    "Ordering",
     "PermanentError",
     "PermissionDenied",
     "Phase",

@@ -43,6 +43,7 @@ from dispatcher.encode import encode_values
 from dispatcher.hosts import AsyncHost, Row, SyncHost, async_runner, refusals, sync_runner
 from dispatcher.names import DEFAULT_SCHEMA
 from dispatcher.sql import queries
+from dispatcher.tracing import current_traceparent
 
 DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024
 DEFAULT_MAX_FANOUT = 100
@@ -187,6 +188,7 @@ class Emitter:
             self.max_fanout,
             _should_notify(self.schema, self.notify_interval),
             old,
+            current_traceparent(),
         )
 
     def _enqueued_single(self, mutation: Mutation, row: Row) -> list[Enqueued]:
@@ -224,6 +226,7 @@ class Emitter:
             _should_notify(self.schema, self.notify_interval),
             # No array when no mutation has an old value: less to send and to unnest.
             None if all(old is None for old in olds) else olds,
+            current_traceparent(),
         )
 
     def _enqueued_many(self, mutations: Sequence[Mutation], row: Row) -> list[Enqueued]:

@@ -24,7 +24,16 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 import asyncpg
 
 from dispatcher.core.errors import InvalidInput
-from dispatcher.core.models import BackoffKind, JsonValue, Op, RetryPolicy, Trigger
+from dispatcher.core.models import (
+    BackoffKind,
+    Delivery,
+    JsonValue,
+    OnDeadLetter,
+    Op,
+    Ordering,
+    RetryPolicy,
+    Trigger,
+)
 from dispatcher.core.outcomes import ClaimedRow, DeadLetterReason, Resolution
 from dispatcher.core.validate import is_int, is_number
 
@@ -109,6 +118,11 @@ def trigger_from_record(row: asyncpg.Record) -> Trigger:
         ops=frozenset(Op(o) for o in row["ops"]),
         retry=policy_from_record(row),
         fields=None if fields is None else tuple(fields),
+        ordering=Ordering(row["ordering"]),
+        on_dead_letter=(
+            None if row["on_dead_letter"] is None else OnDeadLetter(row["on_dead_letter"])
+        ),
+        delivery=Delivery(row["delivery"]),
     )
 
 

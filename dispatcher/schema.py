@@ -141,12 +141,23 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         Column("condition_vars", JSONB, nullable=True),
         Column("condition_changed", JSONB, nullable=True),
         Column("fields", ARRAY(Text), nullable=True),
+        # Per-key ordered delivery and latest-state coalescing (migration 0014).
+        Column("ordering", Text, nullable=False, server_default=text("'none'")),
+        Column("on_dead_letter", Text, nullable=True),
+        Column("delivery", Text, nullable=False, server_default=text("'all'")),
         PrimaryKeyConstraint("id", name="triggers_pkey"),
         UniqueConstraint("scope", "name", name="triggers_scope_name_key"),
         CheckConstraint(
             "pattern_kind IN ('exact', 'prefix', 'glob')", name="triggers_pattern_kind_check"
         ),
         *_policy_checks("triggers"),
+        CheckConstraint(
+            "ordering IN ('none', 'key') AND delivery IN ('all', 'latest') "
+            "AND (ordering = 'key') = (on_dead_letter IS NOT NULL) "
+            "AND (on_dead_letter IS NULL OR on_dead_letter IN ('block', 'skip')) "
+            "AND (delivery = 'all' OR ordering = 'key')",
+            name="triggers_ordering_check",
+        ),
         # Emit probes (scope, namespace, match_prefix = ANY(prefixes of the key)): one index
         # lookup per prefix, whatever the number of triggers in the scope.
         Index("triggers_match_idx", "scope", "namespace", "match_prefix"),
@@ -179,6 +190,13 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         _ts("created_at", default=True),
         _ts("parked_at", nullable=True),
         Column("parked_reason", Text, nullable=True),
+        # An ordered trigger's row (migration 0014): its key, the key's version at the
+        # mutation's commit, and whether dead-lettering it blocks the key. Null otherwise.
+        Column("order_key", Text, nullable=True),
+        Column("key_seq", BigInteger, nullable=True),
+        Column("blocks_key", Boolean, nullable=True),
+        # The emitter's W3C trace context, continued by each execution's span (0015).
+        Column("traceparent", Text, nullable=True),
         PrimaryKeyConstraint("id", name="outbox_pkey"),
         UniqueConstraint("event_id", "trigger_id", name="outbox_event_trigger_key"),
         *_policy_checks("outbox"),
@@ -191,6 +209,14 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
             "trigger_id",
             "id",
             postgresql_where=text("parked_at IS NOT NULL"),
+        ),
+        # The claim's "is this row its key's head" probe.
+        Index(
+            "outbox_key_order_idx",
+            "trigger_id",
+            "order_key",
+            "key_seq",
+            postgresql_where=text("order_key IS NOT NULL"),
         ),
         postgresql_with=OUTBOX_STORAGE,
     )
@@ -221,6 +247,10 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         _ts("event_created_at"),
         _ts("dead_lettered_at", default=True),
         _ts("resolved_at", nullable=True),
+        # An ordered trigger's row: its key and version, kept by a replay (migration 0014).
+        Column("order_key", Text, nullable=True),
+        Column("key_seq", BigInteger, nullable=True),
+        Column("traceparent", Text, nullable=True),
         PrimaryKeyConstraint("id", name="dead_letters_pkey"),
         CheckConstraint(
             "resolution IN ('open', 'handled', 'handler_failed', 'replayed', 'discarded')",
@@ -228,6 +258,9 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         ),
         Index("dead_letters_scope_idx", "scope", "resolution", "dead_lettered_at"),
         Index("dead_letters_trigger_idx", "trigger_id", "dead_lettered_at"),
+        # The console's keyset pages, newest first, over every scope (migration 0013).
+        Index("dead_letters_listing_idx", "dead_lettered_at", "id"),
+        Index("dead_letters_resolution_listing_idx", "resolution", "dead_lettered_at", "id"),
     )
 
     Table(
@@ -342,6 +375,56 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
             f"recount_interval > 0 AND recount_interval <= {MAX_RECOUNT_INTERVAL:.0f}",
             name="backlog_caps_recount_interval_check",
         ),
+    )
+
+    # What operators did through the console (migration 0013): who, what, on what or by
+    # which filter, how many rows, when. Only ever inserted.
+    Table(
+        "audit_log",
+        md,
+        Column("id", BigInteger, Identity(), nullable=False),
+        _ts("at", default=True),
+        Column("actor", Text, nullable=False),
+        Column("action", Text, nullable=False),
+        Column("scope", Text, nullable=True),
+        Column("target", Text, nullable=True),
+        Column("filter", JSONB, nullable=True),
+        Column("count", BigInteger, nullable=False, server_default=text("0")),
+        Column("detail", JSONB, nullable=True),
+        PrimaryKeyConstraint("id", name="audit_log_pkey"),
+        CheckConstraint("count >= 0", name="audit_log_count_check"),
+        Index("audit_log_at_idx", "at"),
+    )
+
+    # The last version of each key an ordered trigger has matched (migration 0014); an emit
+    # bumps it under the row's lock, so versions follow the commit order of the key's
+    # mutations.
+    Table(
+        "key_versions",
+        md,
+        Column("scope", Text, nullable=False),
+        Column("namespace", Text, nullable=False),
+        Column("key", Text, nullable=False),
+        Column("version", BigInteger, nullable=False),
+        _ts("updated_at", default=True),
+        PrimaryKeyConstraint("scope", "namespace", "key", name="key_versions_pkey"),
+    )
+
+    # The keys of ordered triggers whose head dead-lettered with on_dead_letter = 'block':
+    # their later rows wait until an operator replays, discards or skips the dead letter.
+    Table(
+        "blocked_keys",
+        md,
+        Column("trigger_id", BigInteger, nullable=False),
+        Column("order_key", Text, nullable=False),
+        Column("scope", Text, nullable=False),
+        Column("trigger_name", Text, nullable=False),
+        Column("dead_letter_id", BigInteger, nullable=False),
+        Column("key_seq", BigInteger, nullable=True),
+        _ts("blocked_at", default=True),
+        PrimaryKeyConstraint("trigger_id", "order_key", name="blocked_keys_pkey"),
+        Index("blocked_keys_dead_letter_idx", "dead_letter_id"),
+        Index("blocked_keys_scope_idx", "scope", "blocked_at"),
     )
 
     Table(

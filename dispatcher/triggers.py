@@ -13,10 +13,19 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from dispatcher.core.conditions import CompiledCondition, compile_condition
 from dispatcher.core.errors import InvalidInput, LimitExceeded, TriggerExists, TriggerNotFound
-from dispatcher.core.models import Op, RetryPolicy, Trigger, check_name
+from dispatcher.core.models import (
+    Delivery,
+    OnDeadLetter,
+    Op,
+    Ordering,
+    RetryPolicy,
+    Trigger,
+    check_name,
+)
 from dispatcher.core.patterns import compile_pattern
 from dispatcher.core.validate import is_number
 from dispatcher.db import Connection
@@ -74,6 +83,9 @@ class TriggerRegistry:
         is_dead_letter_handler: bool = False,
         when: str | None = None,
         fields: Sequence[str] | None = None,
+        ordering: Ordering | str | None = None,
+        on_dead_letter: OnDeadLetter | str | None = None,
+        delivery: Delivery | str = Delivery.ALL,
     ) -> Trigger:
         """Validate and store a trigger; raises a typed error naming the bad field.
 
@@ -88,6 +100,16 @@ class TriggerRegistry:
         A dead-letter handler trigger does not fire on mutations: it runs once for each new
         dead letter of its scope whose event's namespace and key it matches (it takes
         neither ``when`` nor ``fields``).
+
+        ``ordering="key"``: the rows of one key run one at a time, in the commit order of
+        the key's mutations (each carries the key's version as ``seq``), across retries,
+        processes and crashes. ``on_dead_letter`` (ordered triggers only): ``"block"`` (the
+        default) holds a key whose head dead-letters until an operator replays, discards or
+        unblocks it; ``"skip"`` lets its later rows run. ``delivery="latest"``: a mutation
+        of a key whose newest row has not started yet replaces that row's payload (keeping
+        its due time) instead of adding a row; it implies ``ordering="key"``, so a key has
+        at most one row running and one pending, and the last delivery carries the final
+        state.
         """
         check_name("scope", scope)
         check_name("name", name)
@@ -106,6 +128,9 @@ class TriggerRegistry:
             raise InvalidInput(
                 "when", when, "a dead-letter handler trigger takes neither a condition nor fields"
             )
+        order, on_dead, deliver = _check_ordering(ordering, on_dead_letter, delivery)
+        if is_dead_letter_handler and order is Ordering.KEY:
+            raise InvalidInput("ordering", ordering, "a dead-letter handler trigger runs unordered")
         q = queries(self.schema)
         async with conn.transaction():
             await conn.execute(q.lock_scope, scope)
@@ -127,6 +152,9 @@ class TriggerRegistry:
                 self.max_triggers_per_scope,
                 *_condition_columns(condition),
                 selected,
+                order.value,
+                None if on_dead is None else on_dead.value,
+                deliver.value,
             )
             if row is None:
                 raise await self._refusal(conn, scope, name)
@@ -194,6 +222,46 @@ def _condition_columns(condition: CompiledCondition | None) -> tuple[object, ...
 
 
 MAX_FIELDS = 100
+
+
+def _check_ordering(
+    ordering: object, on_dead_letter: object, delivery: object
+) -> tuple[Ordering, OnDeadLetter | None, Delivery]:
+    """The three order settings, checked together: ``delivery="latest"`` implies key
+    ordering, and ``on_dead_letter`` belongs to ordered triggers (default ``"block"``)."""
+    deliver = _member("delivery", delivery, Delivery)
+    if ordering is None:
+        order = Ordering.KEY if deliver is Delivery.LATEST else Ordering.NONE
+    else:
+        order = _member("ordering", ordering, Ordering)
+    if deliver is Delivery.LATEST and order is not Ordering.KEY:
+        raise InvalidInput(
+            "ordering",
+            ordering,
+            "delivery='latest' needs ordering='key' (leave ordering out to get it)",
+        )
+    if order is Ordering.NONE:
+        if on_dead_letter is not None:
+            raise InvalidInput("on_dead_letter", on_dead_letter, "applies only with ordering='key'")
+        return order, None, deliver
+    on_dead = (
+        OnDeadLetter.BLOCK
+        if on_dead_letter is None
+        else _member("on_dead_letter", on_dead_letter, OnDeadLetter)
+    )
+    return order, on_dead, deliver
+
+
+E = TypeVar("E", Ordering, OnDeadLetter, Delivery)
+
+
+def _member(name: str, value: object, enum: type[E]) -> E:
+    if not isinstance(value, str):
+        raise InvalidInput(name, value, f"must be one of {[m.value for m in enum]}")
+    try:
+        return enum(value)
+    except ValueError:
+        raise InvalidInput(name, value, f"must be one of {[m.value for m in enum]}") from None
 
 
 def _check_fields(fields: Sequence[str]) -> list[str]:

@@ -478,6 +478,45 @@ def caps(s: Session) -> None:
     s.cli("caps/error-zero", "backlog-caps set acme 0", code=2)
 
 
+def keys(s: Session) -> None:
+    """The blocked-key examples: an ordered trigger whose handler refuses the first version
+    of orders/17, so that key is blocked behind it while orders/18 goes on."""
+
+    async def setup(conn: asyncpg.Connection) -> None:
+        await _register(
+            conn, scope="acme", name="search", namespace="orders", key_pattern="orders/*",
+            target="search.index", registered_by="user:7", delivery="latest",
+        )  # fmt: skip
+        await _put(conn, "acme", "orders", {"orders/17": {"total": 7}, "orders/18": {"total": 8}})
+        await _put(conn, "acme", "orders", {"orders/17": {"total": 9}})
+        await _put(conn, "acme", "orders", {"orders/17": {"total": 11}})
+        handlers = HandlerRegistry()
+
+        @handlers.handler("crm.sync")
+        async def sync(ctx: HandlerContext) -> None:
+            if ctx.event["key"] == "orders/17" and ctx.event["seq"] == 1:
+                raise PermanentError("crm rejected order 17: unknown customer")
+
+        @handlers.handler("search.index")
+        async def index(ctx: HandlerContext) -> None:
+            return None
+
+        await Dispatcher(s.dsn, handlers, config=_quick()).run_until_idle()
+
+    s.cli(
+        "keys/triggers-add",
+        "triggers add --scope acme --name crm-sync --namespace orders --pattern 'orders/*' "
+        "--target crm.sync --registered-by user:7 --ordering key",
+    )
+    s.run(setup)
+    s.cli("keys/triggers-list", "triggers list")
+    s.cli("keys/blocked", "keys blocked")
+    s.cli("keys/blocked-json", "keys blocked --trigger acme/crm-sync --json")
+    s.cli("keys/unblock-missing", "keys unblock --trigger acme/crm-sync --key orders/18", code=1)
+    s.cli("keys/unblock", "keys unblock --trigger acme/crm-sync --key orders/17")
+    s.cli("keys/blocked-after", "keys blocked")
+
+
 def capture(s: Session) -> None:
     """The table-capture examples: two host tables captured, written through psql, the
     outbox rows the writes left, then the listing and the errors."""
@@ -599,6 +638,7 @@ SCENARIOS: dict[str, Callable[[Session, Path], None]] = {
     "letters": lambda s, _tmp: letters(s),
     "flow": lambda s, _tmp: flow(s),
     "caps": lambda s, _tmp: caps(s),
+    "keys": lambda s, _tmp: keys(s),
     "capture": lambda s, _tmp: capture(s),
     "redaction": redaction,
 }

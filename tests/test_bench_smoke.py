@@ -54,6 +54,16 @@ POSITIVE = {
         "tx_emit_conditional",
         "tx_conditional_cost",
     ],
+    "tracing": ["untraced", "traced", "traced_ratio"],
+    "keys": [
+        "unordered_drain",
+        "ordered_drain",
+        "ordered_ratio",
+        "hot_mutations",
+        "hot_calls",
+        "hot_coalescing",
+        "hot_final_state",
+    ],
 }
 ZERO = {
     "b4": ["drain_duplicates"],

@@ -23,11 +23,13 @@ Rows become values in :mod:`dispatcher.records`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from dispatcher.admin import actions, reading
+from dispatcher.admin import actions, audit, overview, pages, reading
 from dispatcher.admin.actions import ReplayedLetter, ReplayPolicy, ReplayReport, SkippedLetter
+from dispatcher.admin.audit import AuditEntry, AuditRecord
 from dispatcher.admin.filters import (
     MAX_DURATION,
     MAX_IDS,
@@ -38,6 +40,8 @@ from dispatcher.admin.filters import (
     parse_duration,
     parse_moment,
 )
+from dispatcher.admin.overview import HourCount, LiveCounts, TriggerLag
+from dispatcher.admin.pages import BulkPreview, DeadLetterPage, PageCursor, TriggerLetters
 from dispatcher.admin.status import (
     TOP_BACKLOG,
     OutboxCounts,
@@ -45,6 +49,7 @@ from dispatcher.admin.status import (
     TriggerBacklog,
     read_status,
 )
+from dispatcher.core.health import DEFAULT_READY_WINDOW
 from dispatcher.db import Connection
 from dispatcher.names import DEFAULT_SCHEMA, check_schema_name
 from dispatcher.records import (
@@ -62,19 +67,28 @@ __all__ = [
     "TOP_BACKLOG",
     "AbandonedExecution",
     "Admin",
+    "AuditEntry",
+    "AuditRecord",
+    "BulkPreview",
     "DeadLetterDetail",
     "DeadLetterFilter",
     "DeadLetterNotFound",
+    "DeadLetterPage",
     "DeadLetterSummary",
     "ErrorEntry",
     "HandlerOutcome",
+    "HourCount",
+    "LiveCounts",
     "OutboxCounts",
+    "PageCursor",
     "ReplayPolicy",
     "ReplayReport",
     "ReplayedLetter",
     "SkippedLetter",
     "StatusReport",
     "TriggerBacklog",
+    "TriggerLag",
+    "TriggerLetters",
     "parse_duration",
     "parse_moment",
 ]
@@ -103,6 +117,74 @@ class Admin:
         [DeadLetterSummary(id=12, scope='acme', ...)]
         """
         return await reading.list_dead_letters(conn, self.schema, check_filter(filter), limit)
+
+    async def dead_letter_page(
+        self,
+        conn: Connection,
+        filter: DeadLetterFilter | None = None,
+        *,
+        after: PageCursor | None = None,
+        limit: int = 50,
+    ) -> DeadLetterPage:
+        """One page of the dead letters matching ``filter``, newest (``dead_lettered_at``,
+        then id) first, from the end of the previous page (``after``: its ``next_cursor``).
+
+        >>> page = await Admin().dead_letter_page(conn, DeadLetterFilter(text="smtp"))
+        >>> more = await Admin().dead_letter_page(conn, after=page.next_cursor)
+        """
+        return await pages.read_page(conn, self.schema, check_filter(filter), after, limit)
+
+    async def preview_bulk(self, conn: Connection, filter: DeadLetterFilter) -> BulkPreview:
+        """How many open (or handler_failed) dead letters ``filter`` selects, by trigger: what
+        a bulk :meth:`replay` or :meth:`discard` would act on now. Changes and locks nothing.
+
+        >>> (await Admin().preview_bulk(conn, DeadLetterFilter(reason="timeout"))).letters
+        12
+        """
+        return await pages.preview_bulk(conn, self.schema, check_filter(filter))
+
+    async def record_action(self, conn: Connection, entry: AuditEntry) -> AuditRecord:
+        """Write ``entry`` to the audit log; call it in the transaction of the action.
+
+        >>> await Admin().record_action(conn, AuditEntry("alice", "flow.pause", scope="acme"))
+        AuditRecord(id=1, ...)
+        """
+        return await audit.record_action(conn, self.schema, entry)
+
+    async def audit_log(
+        self,
+        conn: Connection,
+        *,
+        before: int | None = None,
+        scopes: Sequence[str] | None = None,
+        limit: int = 100,
+    ) -> list[AuditRecord]:
+        """The newest audit rows (before id ``before``); of ``scopes`` only, when given."""
+        return await audit.list_actions(
+            conn, self.schema, before=before, scopes=scopes, limit=limit
+        )
+
+    async def backlog_by_trigger(
+        self, conn: Connection, scopes: Sequence[str] | None = None, limit: int = 50
+    ) -> list[TriggerLag]:
+        """Outbox rows by state and the oldest due row's wait, per trigger, busiest first."""
+        return await overview.backlog_by_trigger(conn, self.schema, scopes, limit)
+
+    async def dead_letters_per_hour(
+        self,
+        conn: Connection,
+        now: datetime,
+        scopes: Sequence[str] | None = None,
+        hours: int = 24,
+    ) -> list[HourCount]:
+        """Dead letters opened in each of the last ``hours`` hours (UTC) up to ``now``."""
+        return await overview.dead_letters_per_hour(conn, self.schema, scopes, hours, now)
+
+    async def live_counts(
+        self, conn: Connection, scopes: Sequence[str] | None = None
+    ) -> LiveCounts:
+        """Due and parked rows, dead letters needing action, abandoned executions."""
+        return await overview.live_counts(conn, self.schema, scopes)
 
     async def show_dead_letter(self, conn: Connection, id: int) -> DeadLetterDetail:
         """Everything about one dead letter; :class:`DeadLetterNotFound` for an unknown id.
@@ -170,9 +252,12 @@ class Admin:
         """
         return await actions.purge(conn, self.schema, older_than=older_than, dry_run=dry_run)
 
-    async def status(self, conn: Connection) -> StatusReport:
+    async def status(
+        self, conn: Connection, *, ready_window: float = DEFAULT_READY_WINDOW
+    ) -> StatusReport:
         """Backlog, lag, parked rows, dead letters, abandoned executions, pauses and
-        breakers, from one snapshot.
+        breakers, from one snapshot; and ``progress``, not ready when a claimable row has
+        waited longer than ``ready_window`` seconds (no dispatcher claimed it).
 
         >>> report = await Admin().status(conn)
         >>> report.outbox.oldest_due_seconds
@@ -180,7 +265,7 @@ class Admin:
         >>> [p.target for p in report.pauses]
         ['scope acme']
         """
-        return await read_status(conn, self.schema)
+        return await read_status(conn, self.schema, ready_window=ready_window)
 
     async def list_abandoned(
         self,

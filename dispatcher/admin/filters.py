@@ -24,6 +24,8 @@ from dispatcher.sql.admin import ACTIONABLE, FILTER_PARAMS, admin_queries
 
 MAX_LIST_LIMIT = 10_000
 MAX_IDS = 10_000
+# The longest text a filter searches the errors and payloads for.
+MAX_TEXT = 200
 # Filters reach back at most this far; beyond it Postgres' timestamp arithmetic overflows.
 MAX_DURATION = timedelta(days=36_600)
 
@@ -139,6 +141,9 @@ class DeadLetterFilter:
     last ``timedelta``; ``older_than`` keeps letters dead-lettered before a moment or more
     than a ``timedelta`` ago. Durations are measured on the database clock. ``ids`` names
     dead letters explicitly (an empty collection is refused rather than read as "all").
+    ``text`` keeps letters whose error history or payload contains it (case-insensitive, as
+    stored: redacted values are not searched); ``scopes`` keeps letters of those scopes only
+    (what an operator limited to some scopes may see).
     ``trigger`` is a trigger's name (in any scope unless ``scope`` is set); to name one
     trigger as an operator does, by id or scope and name, use :meth:`for_trigger`. A filter
     naming a trigger that is neither registered nor named by any dead letter makes the
@@ -156,6 +161,8 @@ class DeadLetterFilter:
     since: datetime | timedelta | None = None
     older_than: datetime | timedelta | None = None
     ids: tuple[int, ...] | None = None
+    text: str | None = None
+    scopes: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.scope is not None:
@@ -183,6 +190,19 @@ class DeadLetterFilter:
             if len(ids) > MAX_IDS:
                 raise InvalidInput("ids", f"<{len(ids)} ids>", f"must name at most {MAX_IDS}")
             object.__setattr__(self, "ids", ids)
+        if self.text is not None:
+            if not isinstance(self.text, str) or not self.text.strip():
+                raise InvalidInput("text", self.text, "must be a non-empty string")
+            if len(self.text) > MAX_TEXT or "\x00" in self.text:
+                raise InvalidInput("text", self.text, f"must be at most {MAX_TEXT} characters")
+        if self.scopes is not None:
+            raw_scopes: object = self.scopes
+            if isinstance(raw_scopes, str | bytes) or not isinstance(raw_scopes, Iterable):
+                raise InvalidInput("scopes", raw_scopes, "must be a collection of scope names")
+            scopes = tuple(sorted({check_name("scopes", s) for s in raw_scopes}))
+            if not scopes:
+                raise InvalidInput("scopes", raw_scopes, "must name at least one scope")
+            object.__setattr__(self, "scopes", scopes)
 
     @property
     def is_empty(self) -> bool:
@@ -231,8 +251,19 @@ def filter_params(f: DeadLetterFilter) -> list[object]:
         "older_at": f.older_than if isinstance(f.older_than, datetime) else None,
         "older_ago": f.older_than if isinstance(f.older_than, timedelta) else None,
         "ids": None if f.ids is None else list(f.ids),
+        "text": None if f.text is None else f"%{like_escape(f.text)}%",
+        "scopes": None if f.scopes is None else list(f.scopes),
     }
     return [values[name] for name in FILTER_PARAMS]
+
+
+def like_escape(text: str) -> str:
+    """``text`` as a literal inside an ILIKE pattern (backslash is the escape character).
+
+    >>> like_escape("50%_off")
+    '50\\\\%\\\\_off'
+    """
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 async def check_trigger_known(conn: Connection, schema: str, f: DeadLetterFilter) -> None:

@@ -1,5 +1,5 @@
 """The status snapshot: backlog, lag, parked rows, dead letters, abandoned executions, pauses
-and breakers, read in one statement.
+and breakers, read in one statement; and the progress verdict the tables give (a second one).
 
 >>> (await read_status(conn, "dispatcher")).outbox.due_now
 0
@@ -11,12 +11,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
+from dispatcher.core.health import DEFAULT_READY_WINDOW, Readiness, table_readiness
 from dispatcher.core.outcomes import DeadLetterReason, Resolution
 from dispatcher.db import Connection
 from dispatcher.flow import Breaker, Pause
 from dispatcher.sql.admin import admin_queries
+from dispatcher.sql.health import health_queries
 
 TOP_BACKLOG = 10
+# Claimable rows counted for the progress verdict, at most (the count stays cheap).
+PROGRESS_COUNT_LIMIT = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +64,9 @@ class StatusReport:
     oldest first (a pause with neither scope nor trigger holds everything); ``breakers``
     are the circuit breakers open, half-open or counting failures, most recently changed
     first (as :meth:`dispatcher.flow.FlowControl.pauses` and ``breakers`` list them).
+    ``progress`` is the verdict of :func:`dispatcher.core.health.table_readiness`: not
+    ready when a claimable row (due, not parked, paused or held by a breaker) has waited
+    longer than the window, i.e. no dispatcher claimed it.
     """
 
     at: datetime
@@ -70,12 +77,24 @@ class StatusReport:
     abandoned_executions: int
     pauses: tuple[Pause, ...]
     breakers: tuple[Breaker, ...]
+    progress: Readiness
+    # Keys of ordered triggers held by a dead head (dispatcher.flow.FlowControl.blocked_keys).
+    blocked_keys: int = 0
 
 
-async def read_status(conn: Connection, schema: str) -> StatusReport:
+async def read_status(
+    conn: Connection, schema: str, *, ready_window: float = DEFAULT_READY_WINDOW
+) -> StatusReport:
     """See :meth:`dispatcher.admin.Admin.status`."""
     r = await conn.fetchrow(admin_queries(schema).status, TOP_BACKLOG)
     assert r is not None  # FROM c, ob: always exactly one row
+    p = await conn.fetchrow(health_queries(schema).progress, PROGRESS_COUNT_LIMIT)
+    assert p is not None  # no FROM: one row
+    progress = table_readiness(
+        claimable=p["claimable"],
+        oldest_claimable=p["oldest_claimable_seconds"],
+        window=ready_window,
+    )
     by_resolution = dict.fromkeys(Resolution, 0)
     for name, n in zip(r["resolutions"], r["resolution_counts"], strict=True):
         by_resolution[Resolution(name)] = n
@@ -110,4 +129,6 @@ async def read_status(conn: Connection, schema: str) -> StatusReport:
         abandoned_executions=r["abandoned"],
         pauses=tuple(Pause(*p) for p in r["pauses"]),
         breakers=tuple(Breaker(*b) for b in r["breakers"]),
+        progress=progress,
+        blocked_keys=r["blocked_keys"],
     )

@@ -2,13 +2,14 @@
 
 A module a command, or a group of subcommands, named for it: ``run``, ``migrate``, ``demo``,
 ``status``, ``triggers``, ``dead_letters``, ``abandoned``, ``pause`` (pause and resume),
-``parked``, ``breakers``, ``backlog`` (``backlog-caps``), ``capture``. Each parses, calls the
-library (:mod:`dispatcher.admin`, :mod:`dispatcher.flow`, :mod:`dispatcher.capture`,
-:class:`dispatcher.triggers.TriggerRegistry`) through ``call``, and prints with ``render``.
+``parked``, ``keys``, ``breakers``, ``backlog`` (``backlog-caps``), ``capture``, ``console``. Each
+parses, calls the library (:mod:`dispatcher.admin`, :mod:`dispatcher.flow`,
+:mod:`dispatcher.capture`, :class:`dispatcher.triggers.TriggerRegistry`) through ``call``,
+and prints with ``render`` (``console`` serves :mod:`dispatcher.console` instead).
 Options several commands share are declared once, in ``options`` (and, for the flow-control
 commands' ``--scope``/``--trigger``/``--all``, in ``targets``).
-What only one command needs (alembic, the runtime, prometheus, pgserver, rich) is imported
-when that command runs.
+What only one command needs (alembic, the runtime, prometheus, pgserver, rich, the web
+stack) is imported when that command runs.
 
 >>> from click.testing import CliRunner
 >>> CliRunner().invoke(main, ["status", "--dsn", dsn, "--json"]).exit_code
@@ -17,16 +18,17 @@ when that command runs.
 
 from __future__ import annotations
 
-import logging
-
 import click
 
+from dispatcher.cli import logs
 from dispatcher.cli.abandoned import abandoned
 from dispatcher.cli.backlog import backlog_caps
 from dispatcher.cli.breakers import breakers
 from dispatcher.cli.capture import capture
+from dispatcher.cli.console import console
 from dispatcher.cli.dead_letters import dead_letters
 from dispatcher.cli.demo import demo
+from dispatcher.cli.keys import keys
 from dispatcher.cli.migrate import migrate
 from dispatcher.cli.parked import parked
 from dispatcher.cli.pause import pause, resume
@@ -49,9 +51,7 @@ __all__ = ["main"]
 def main(log_level: str) -> None:
     """Turn key/value mutations into reliable trigger executions through Postgres."""
     # The library never configures logging; its command line, an application, does.
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(log_level)
 
 
 for _command in (
@@ -65,8 +65,10 @@ for _command in (
     pause,
     resume,
     parked,
+    keys,
     breakers,
     backlog_caps,
     capture,
+    console,
 ):
     main.add_command(_command)

@@ -1,5 +1,6 @@
 """``dispatcher run``: a dispatcher until SIGINT or SIGTERM, optionally serving Prometheus
-metrics; and how the process leaves past work it had to abandon.
+metrics and the ``/healthz`` and ``/readyz`` probes, logging text or JSON lines that keep
+their fields; and how the process leaves past work it had to abandon.
 
 The runtime and the metrics extra are imported when the command runs, not when the CLI loads.
 """
@@ -16,9 +17,12 @@ from typing import TYPE_CHECKING, cast
 import anyio
 import click
 
+from dispatcher.cli import logs
 from dispatcher.cli.call import run_async
 from dispatcher.cli.options import connection_options, require_dsn
 from dispatcher.core.errors import DispatcherError
+from dispatcher.core.health import DEFAULT_READY_WINDOW
+from dispatcher.log_format import LOG_FORMATS, LogFormat
 
 if TYPE_CHECKING:
     from dispatcher.metrics import MetricsServer, PrometheusRecorder
@@ -84,6 +88,31 @@ def _redact_keys(
     help="Address the metrics endpoint binds to (0.0.0.0 to expose it, e.g. in a container).",
 )
 @click.option(
+    "--metrics-per-trigger",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 10_000),
+    metavar="N",
+    help="Label per-trigger execution and dead-letter counters with the first N trigger "
+    "names seen (later ones as 'other'); 0: no per-trigger series.",
+)
+@click.option(
+    "--ready-window",
+    default=DEFAULT_READY_WINDOW,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="/readyz answers 503 when rows are due and no claim succeeded for this many seconds.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    default="text",
+    show_default=True,
+    envvar="DISPATCHER_LOG_FORMAT",
+    help="text: a line per record with its fields as key=value; json: one JSON object per "
+    "line (stderr).",
+)
+@click.option(
     "--redact-key",
     "redact_keys",
     multiple=True,
@@ -108,6 +137,9 @@ def run(
     application_name: str,
     metrics_port: int | None,
     metrics_host: str,
+    metrics_per_trigger: int,
+    ready_window: float,
+    log_format: LogFormat,
     redact_keys: tuple[str, ...],
 ) -> None:
     """Run a dispatcher until SIGINT or SIGTERM (a second signal aborts at once; leases of
@@ -115,6 +147,7 @@ def run(
     from dispatcher.runtime.dispatcher import Dispatcher, DispatcherConfig
     from dispatcher.runtime.handlers import Executor
 
+    logs.use_format(log_format)
     target = require_dsn(dsn)
     executor = _load_executor(handlers_spec)
     try:
@@ -134,7 +167,9 @@ def run(
         )
     except DispatcherError as exc:
         raise click.BadParameter(str(exc)) from None
-    recorder = None if metrics_port is None else _prometheus_recorder()
+    recorder = (
+        None if metrics_port is None else _prometheus_recorder(metrics_per_trigger, ready_window)
+    )
     dispatcher = Dispatcher(target, cast("Executor", executor), config=config, recorder=recorder)
     metrics_server = None
     if recorder is not None and metrics_port is not None:
@@ -175,12 +210,12 @@ def _load_executor(spec: str) -> object:
     return obj
 
 
-def _prometheus_recorder() -> PrometheusRecorder:
+def _prometheus_recorder(per_trigger: int, ready_window: float) -> PrometheusRecorder:
     try:
         from dispatcher.metrics import PrometheusRecorder
     except ImportError as exc:  # the metrics extra is not installed; the message says so
         raise click.ClickException(str(exc)) from None
-    return PrometheusRecorder()
+    return PrometheusRecorder(per_trigger=per_trigger, ready_window=ready_window)
 
 
 def _serve_metrics(
@@ -190,10 +225,10 @@ def _serve_metrics(
 
     recorder.watch(dispatcher)
     try:
-        server = start_metrics_server(port, host=host)
+        server = start_metrics_server(port, host=host, recorder=recorder)
     except OSError as exc:
         raise click.ClickException(f"cannot serve metrics on {host}:{port}: {exc}") from None
-    click.echo(f"metrics: {server.url}", err=True)
+    logs.say(f"metrics: {server.url}", "cli.metrics", url=server.url)
     return server
 
 
@@ -220,10 +255,11 @@ async def _stop_on_signals(dispatcher: Dispatcher, scope: anyio.CancelScope) -> 
         async for signum in signals:
             count += 1
             if count == 1:
-                click.echo(f"{signal.Signals(signum).name}: stopping gracefully", err=True)
+                name = signal.Signals(signum).name
+                logs.say(f"{name}: stopping gracefully", "cli.stopping", signal=name)
                 dispatcher.stop()
             else:
-                click.echo("second signal: aborting", err=True)
+                logs.say("second signal: aborting", "cli.aborting")
                 scope.cancel()
                 return
 

@@ -10,6 +10,7 @@ from dispatcher.admin import Admin, StatusReport
 from dispatcher.cli.call import with_connection
 from dispatcher.cli.options import connection_options, json_option
 from dispatcher.cli.render import breakers_table, pauses_table, print_json, show, table, when
+from dispatcher.core.health import DEFAULT_READY_WINDOW
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -17,11 +18,20 @@ if TYPE_CHECKING:
 
 @click.command()
 @connection_options
+@click.option(
+    "--ready-window",
+    default=DEFAULT_READY_WINDOW,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Seconds a claimable row may wait before the progress verdict is 'not ready'.",
+)
 @json_option
-def status(dsn: str | None, schema: str, as_json: bool) -> None:
-    """Outbox backlog and lag, parked rows, dead letters, abandoned executions, pauses and
-    circuit breakers."""
-    report = with_connection(dsn, lambda conn: Admin(schema).status(conn))
+def status(dsn: str | None, schema: str, ready_window: float, as_json: bool) -> None:
+    """Progress verdict, outbox backlog and lag, parked rows, dead letters, abandoned
+    executions, blocked keys, pauses and circuit breakers."""
+    report = with_connection(
+        dsn, lambda conn: Admin(schema).status(conn, ready_window=ready_window)
+    )
     if as_json:
         print_json(report)
     else:
@@ -31,7 +41,13 @@ def status(dsn: str | None, schema: str, as_json: bool) -> None:
 def _print_status(report: StatusReport) -> None:
     o = report.outbox
     oldest = "-" if o.oldest_due_seconds is None else f"{o.oldest_due_seconds:.1f}s"
-    parts: list[str | Table] = [f"Status at {when(report.at)}", ""]
+    verdict = "ready" if report.progress.ready else "NOT READY"
+    parts: list[str | Table] = [
+        f"Status at {when(report.at)}",
+        "",
+        f"progress: {verdict} ({report.progress.reason})",
+        "",
+    ]
     outbox = table("outbox", "rows")
     for label, n in (
         ("due now", o.due_now),
@@ -68,6 +84,12 @@ def _print_status(report: StatusReport) -> None:
             )
         parts += ["Top backlog", "", top, ""]
     parts += [f"abandoned executions: {report.abandoned_executions}", ""]
+    if report.blocked_keys:
+        parts += [
+            f"blocked keys: {report.blocked_keys} (ordered triggers held by a dead head; "
+            "see `dispatcher keys blocked`)",
+            "",
+        ]
 
     if report.pauses:
         parts += ["Paused", "", pauses_table(report.pauses), ""]

@@ -10,7 +10,15 @@ import click
 from dispatcher.cli.call import with_connection
 from dispatcher.cli.options import connection_options, json_option
 from dispatcher.cli.render import clip, print_json, retry_summary, show, table
-from dispatcher.core.models import PARKABLE_KINDS, BackoffKind, RetryPolicy, Trigger
+from dispatcher.core.models import (
+    PARKABLE_KINDS,
+    BackoffKind,
+    Delivery,
+    OnDeadLetter,
+    Ordering,
+    RetryPolicy,
+    Trigger,
+)
 from dispatcher.db import Connection
 from dispatcher.triggers import DEFAULT_TIMEOUT, TriggerRegistry
 
@@ -30,9 +38,11 @@ def triggers_list(dsn: str | None, schema: str, scope: str | None, as_json: bool
     if as_json:
         print_json(list(found))
         return
+    # The order column only when a listed trigger is ordered: most lists have none.
+    ordered = any(t.ordering is not Ordering.NONE for t in found)
     rows = table(
-        "id", "scope", "name", "namespace", "pattern", "ops", "when", "fields", "target",
-        "enabled", "dl handler", "retry", "timeout",
+        "id", "scope", "name", "namespace", "pattern", "ops", "when", "fields",
+        *(("order",) if ordered else ()), "target", "enabled", "dl handler", "retry", "timeout",
     )  # fmt: skip
     for t in found:
         rows.add_row(
@@ -44,6 +54,7 @@ def triggers_list(dsn: str | None, schema: str, scope: str | None, as_json: bool
             ",".join(sorted(t.ops)),
             clip(t.condition, 60) if t.condition is not None else "",
             ",".join(t.fields) if t.fields is not None else "",
+            *((_order_summary(t),) if ordered else ()),
             t.target,
             "yes" if t.enabled else "no",
             "yes" if t.is_dead_letter_handler else "no",
@@ -112,6 +123,25 @@ def triggers_list(dsn: str | None, schema: str, scope: str | None, as_json: bool
     metavar="NAME",
     help="Deliver only this top-level field of the value and the old value; repeatable.",
 )
+@click.option(
+    "--ordering",
+    type=click.Choice([o.value for o in Ordering]),
+    help="key: run a key's rows one at a time, in the commit order of its mutations "
+    "(default none; key when --delivery latest).",
+)
+@click.option(
+    "--on-dead-letter",
+    type=click.Choice([o.value for o in OnDeadLetter]),
+    help="Ordered triggers: block a key whose head dead-letters until an operator acts "
+    "(block, the default), or let its later rows run (skip).",
+)
+@click.option(
+    "--delivery",
+    type=click.Choice([d.value for d in Delivery]),
+    default=Delivery.ALL.value,
+    show_default=True,
+    help="latest: a mutation replaces the payload of its key's row that has not started yet.",
+)
 @click.option("--disabled", is_flag=True, help="Register it disabled.")
 def triggers_add(
     dsn: str | None,
@@ -135,6 +165,9 @@ def triggers_add(
     dead_letter_handler: bool,
     when: str | None,
     fields: tuple[str, ...],
+    ordering: str | None,
+    on_dead_letter: str | None,
+    delivery: str,
     disabled: bool,
 ) -> None:
     """Register a trigger. Retry settings left out take RetryPolicy's defaults."""
@@ -168,11 +201,24 @@ def triggers_add(
             is_dead_letter_handler=dead_letter_handler,
             when=when,
             fields=list(fields) or None,
+            ordering=ordering,
+            on_dead_letter=on_dead_letter,
+            delivery=delivery,
         )
 
     trigger = with_connection(dsn, add)
     state = "disabled" if disabled else "enabled"
     click.echo(f"registered trigger {trigger.id} ({trigger.scope}/{trigger.name}, {state})")
+
+
+def _order_summary(t: Trigger) -> str:
+    """``key, block`` / ``key, skip, latest``; empty for an unordered trigger."""
+    if t.ordering is Ordering.NONE:
+        return ""
+    parts = [t.ordering.value, "" if t.on_dead_letter is None else t.on_dead_letter.value]
+    if t.delivery is Delivery.LATEST:
+        parts.append(t.delivery.value)
+    return ", ".join(p for p in parts if p)
 
 
 def _by_id(

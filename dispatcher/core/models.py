@@ -29,6 +29,31 @@ class Op(StrEnum):
     DELETE = "delete"
 
 
+class Ordering(StrEnum):
+    """How a trigger's rows of one key run: ``NONE``, concurrently in any order; ``KEY``, one
+    at a time in the commit order of the key's mutations."""
+
+    NONE = "none"
+    KEY = "key"
+
+
+class OnDeadLetter(StrEnum):
+    """What an ordered trigger does with a key whose head dead-letters: ``BLOCK`` holds the
+    key's later rows until an operator replays, discards or skips it; ``SKIP`` lets them
+    run."""
+
+    BLOCK = "block"
+    SKIP = "skip"
+
+
+class Delivery(StrEnum):
+    """``ALL``: a row per matching mutation. ``LATEST``: while a key's newest row has not
+    started, a newer mutation replaces its payload instead of adding a row."""
+
+    ALL = "all"
+    LATEST = "latest"
+
+
 # The longest delay (backoff, rate-limit wait, event age) the library stores: far past any
 # sensible retry, and far inside what a Postgres timestamp can hold (a delay of 1e13 s
 # overflows it, which would fail the whole settlement batch). Longer delays are clamped.
@@ -228,3 +253,7 @@ class Trigger:
     condition: str | None = None
     # The top-level fields of the value and the old value delivered; None: all of them.
     fields: tuple[str, ...] | None = None
+    # Per-key order and coalescing (on_dead_letter: None for an unordered trigger).
+    ordering: Ordering = Ordering.NONE
+    on_dead_letter: OnDeadLetter | None = None
+    delivery: Delivery = Delivery.ALL

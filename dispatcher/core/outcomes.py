@@ -109,6 +109,8 @@ class ClaimedRow:
     timeout: float
     # Seconds since the event was enqueued, by the database clock at claim time.
     age: float
+    # The emitter's W3C trace context (dispatcher.tracing), when it traced.
+    traceparent: str | None = None
 
     @property
     def idempotency_key(self) -> str:

@@ -1,5 +1,5 @@
 """Flow control an operator drives: pause and resume, parked rows, circuit breakers, backlog
-caps.
+caps, blocked keys of ordered triggers.
 
 Pauses and breakers live in Postgres, so every dispatcher process honours them. Nothing is
 dropped: paused, held and parked rows stay in the outbox with their attempt counts. A backlog
@@ -30,6 +30,7 @@ from dispatcher.flow.backlog_caps import parse_max_pending as parse_max_pending
 from dispatcher.flow.backlog_caps import parse_recount_interval as parse_recount_interval
 from dispatcher.flow.control import FlowControl as FlowControl
 from dispatcher.flow.rows import MAX_UNPARK_BATCH as MAX_UNPARK_BATCH
+from dispatcher.flow.rows import BlockedKey as BlockedKey
 from dispatcher.flow.rows import Breaker as Breaker
 from dispatcher.flow.rows import ParkedRow as ParkedRow
 from dispatcher.flow.rows import ParkedSummary as ParkedSummary

@@ -8,10 +8,17 @@ import json
 from dataclasses import dataclass
 
 from dispatcher.core.errors import TriggerNotFound
-from dispatcher.core.models import check_name
+from dispatcher.core.models import check_key, check_name
 from dispatcher.db import Connection
 from dispatcher.flow.backlog_caps import DEFAULT_RECOUNT_INTERVAL, BacklogCap, check_backlog_cap
-from dispatcher.flow.rows import Breaker, ParkedRow, ParkedSummary, Pause, _check_limit
+from dispatcher.flow.rows import (
+    BlockedKey,
+    Breaker,
+    ParkedRow,
+    ParkedSummary,
+    Pause,
+    _check_limit,
+)
 from dispatcher.flow.targets import (
     NoBreaker,
     NotPaused,
@@ -188,6 +195,57 @@ class FlowControl:
             )
             for r in rows
         ]
+
+    async def blocked_keys(
+        self,
+        conn: Connection,
+        *,
+        trigger: TriggerRef | None = None,
+        scope: str | None = None,
+        limit: int = 100,
+    ) -> list[BlockedKey]:
+        """Keys of ordered triggers held by a dead head (``on_dead_letter="block"``), oldest
+        first, each with its dead letter and how many rows wait behind it.
+
+        >>> [k.key for k in await FlowControl().blocked_keys(conn, trigger=("acme", "sync"))]
+        ['orders/17']
+        """
+        _check_limit(limit)
+        if scope is not None:
+            check_name("scope", scope)
+        tid = None if trigger is None else await self.trigger_id(conn, trigger)
+        rows = await conn.fetch(queries(self.schema).list_blocked_keys, tid, scope, limit)
+        return [
+            BlockedKey(
+                r["trigger_id"],
+                r["order_key"],
+                r["scope"],
+                r["trigger_name"],
+                r["dead_letter_id"],
+                r["key_seq"],
+                r["blocked_at"],
+                r["reason"],
+                r["resolution"],
+                int(r["waiting"]),
+            )
+            for r in rows
+        ]
+
+    async def unblock(self, conn: Connection, trigger: TriggerRef, key: str | None) -> int:
+        """Skip the dead head of ``key`` (every blocked key of the trigger when None): the
+        key's later rows run, in order; the dead letter stays as it is (replay or discard it
+        apart). Returns how many keys were unblocked. Replaying or discarding the dead letter
+        unblocks its key too.
+
+        >>> await FlowControl().unblock(conn, ("acme", "sync"), "orders/17")
+        1
+        """
+        if key is not None:
+            check_key("key", key)
+        tid = await self.trigger_id(conn, trigger)
+        row = await conn.fetchrow(queries(self.schema).unblock_keys, tid, key)
+        assert row is not None  # an aggregate query always returns one row
+        return int(row["unblocked"])
 
     async def reset_breaker(self, conn: Connection, trigger_id: int) -> bool:
         """Close a breaker by hand and make the rows it held due now (retries backing off

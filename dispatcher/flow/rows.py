@@ -1,5 +1,5 @@
 """What flow control reads back: pauses, parked rows (one by one and counted by trigger),
-and the trigger breakers (circuit breaker and rate-limit hold)."""
+the trigger breakers (circuit breaker and rate-limit hold) and blocked keys."""
 
 from __future__ import annotations
 
@@ -66,6 +66,24 @@ class Breaker:
     opened_count: int
     updated_at: datetime
     held_until: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BlockedKey:
+    """A key of an ordered trigger whose head dead-lettered with ``on_dead_letter="block"``:
+    its ``waiting`` rows run once an operator replays or discards the dead letter, or
+    unblocks the key (skipping it)."""
+
+    trigger_id: int
+    key: str
+    scope: str
+    trigger_name: str
+    dead_letter_id: int
+    seq: int | None
+    blocked_at: datetime
+    reason: str | None
+    resolution: str | None
+    waiting: int
 
 
 def _check_limit(limit: int) -> None:

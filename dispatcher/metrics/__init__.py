@@ -9,7 +9,11 @@ Two sources feed one registry, and neither queries the database when Prometheus 
   in-memory counters and status at scrape time.
 
 Labels come from closed sets only (outcome, dead-letter reason, resolution, phase): never an
-id, a key, a scope or a trigger name.
+id, a key or a scope. Trigger names label two counters only when asked
+(``PrometheusRecorder(per_trigger=N)``), the first N names seen, the rest as ``other``.
+
+The HTTP server also answers ``/healthz`` (the process is alive) and ``/readyz`` (claims make
+progress: :meth:`PrometheusRecorder.readiness`), for Kubernetes probes.
 
 >>> from dispatcher.metrics import instrument, start_metrics_server
 >>> d = Dispatcher(dsn, handlers)
@@ -51,6 +55,7 @@ from dispatcher.metrics.recorder import CLAIM_BUCKETS as CLAIM_BUCKETS
 from dispatcher.metrics.recorder import EXECUTION_BUCKETS as EXECUTION_BUCKETS
 from dispatcher.metrics.recorder import PrometheusRecorder as PrometheusRecorder
 from dispatcher.metrics.recorder import instrument as instrument
+from dispatcher.metrics.recorder import recorder_for as recorder_for
 from dispatcher.metrics.server import MetricsServer as MetricsServer
 from dispatcher.metrics.server import start_metrics_server as start_metrics_server
 

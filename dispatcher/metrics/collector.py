@@ -207,11 +207,17 @@ def _gauge_families(snaps: Sequence[StatusSnapshot], listed: bool) -> Iterator[M
             family.add_metric([], value)
         return family
 
-    yield gauge("in_flight", "Executions running now.", sum(s.in_flight for s in snaps))
-    yield gauge(
-        "gate_capacity", "Execution gate permits in total.", sum(s.gate_capacity for s in snaps)
-    )
-    yield gauge("gate_free", "Execution gate permits free now.", sum(s.gate_free for s in snaps))
+    in_flight = sum(s.in_flight for s in snaps)
+    capacity = sum(s.gate_capacity for s in snaps)
+    free = sum(s.gate_free for s in snaps)
+    yield gauge("in_flight_executions", "Executions running now.", in_flight)
+    yield gauge("gate_capacity_permits", "Execution gate permits in total.", capacity)
+    yield gauge("gate_free_permits", "Execution gate permits free now.", free)
+    # The names before units were added to them; kept so that existing dashboards and
+    # alerts go on working (docs/operations.md: deprecated).
+    yield gauge("in_flight", "Deprecated: dispatcher_in_flight_executions.", in_flight)
+    yield gauge("gate_capacity", "Deprecated: dispatcher_gate_capacity_permits.", capacity)
+    yield gauge("gate_free", "Deprecated: dispatcher_gate_free_permits.", free)
     yield gauge(
         "consecutive_db_failures",
         "Database errors since the last success (0 when healthy).",
@@ -252,6 +258,10 @@ class _StatusCollector:
     def remove(self, target: _Observable) -> None:
         with self._lock:
             self._watched = [w for w in self._watched if w is not target]
+
+    def watched(self) -> list[_Observable]:
+        with self._lock:
+            return list(self._watched)
 
     def describe(self) -> Iterable[Metric]:
         return list(_families(None))

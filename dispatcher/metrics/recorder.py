@@ -3,13 +3,26 @@ dispatcher's recorder hook as claims and executions happen, and :func:`instrumen
 
 from __future__ import annotations
 
+import platform
 import time
-from collections.abc import Sequence
+import weakref
+from collections.abc import Iterable, Sequence
+from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
 
-from dispatcher.metrics.collector import NAMESPACE, OTHER, OUTCOMES, _Observable, _StatusCollector
+from dispatcher.core.health import DEFAULT_READY_WINDOW, Readiness, combined, process_readiness
+from dispatcher.metrics.collector import (
+    NAMESPACE,
+    OTHER,
+    OUTCOMES,
+    _Observable,
+    _read,
+    _StatusCollector,
+)
+from dispatcher.runtime.config import positive
 from dispatcher.runtime.stats import Recorder
 
 if TYPE_CHECKING:
@@ -20,6 +33,26 @@ BATCH_BUCKETS = (0, 1, 2, 5, 10, 25, 50, 100, 250, 500, 1000)
 EXECUTION_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 )  # fmt: skip
+
+# The recorder of each registry (one per registry: metric names are registered once), so that
+# start_metrics_server(registry=...) finds the readiness of what the registry exports. Weak
+# both ways: a recorder refers to its registry, so a strong value would keep both forever.
+_BY_REGISTRY: weakref.WeakKeyDictionary[CollectorRegistry, weakref.ref[PrometheusRecorder]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def recorder_for(registry: CollectorRegistry) -> PrometheusRecorder | None:
+    """The live :class:`PrometheusRecorder` created on ``registry``, if any."""
+    ref = _BY_REGISTRY.get(registry)
+    return None if ref is None else ref()
+
+
+def _package_version() -> str:
+    try:
+        return version("dispatcher")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 class PrometheusRecorder(Recorder):
@@ -34,6 +67,12 @@ class PrometheusRecorder(Recorder):
     >>> d = Dispatcher(dsn, handlers, recorder=recorder)
     >>> recorder.watch(d)
     >>> prometheus_client.generate_latest(registry)  # dispatcher_claims_total, ...
+
+    ``per_trigger``: how many trigger names get their own ``trigger`` label in
+    ``dispatcher_trigger_executions_total`` and ``dispatcher_trigger_dead_letters_total``
+    (the first names seen; later ones share ``other``); 0, the default, exports neither.
+    ``ready_window``: seconds without a successful claim, while rows are due, after which
+    :meth:`readiness` (``/readyz``, ``dispatcher_ready``) says not ready.
     """
 
     def __init__(
@@ -43,8 +82,15 @@ class PrometheusRecorder(Recorder):
         claim_buckets: Sequence[float] = CLAIM_BUCKETS,
         batch_buckets: Sequence[float] = BATCH_BUCKETS,
         execution_buckets: Sequence[float] = EXECUTION_BUCKETS,
+        per_trigger: int = 0,
+        ready_window: float = DEFAULT_READY_WINDOW,
     ) -> None:
+        if not isinstance(per_trigger, int) or isinstance(per_trigger, bool) or per_trigger < 0:
+            raise ValueError(f"per_trigger must be an int >= 0, got {per_trigger!r}")
+        positive("ready_window", ready_window)
         self.registry: CollectorRegistry = REGISTRY if registry is None else registry
+        self.per_trigger = per_trigger
+        self.ready_window = float(ready_window)
         reg = self.registry
         self._claim_seconds = _histogram(
             reg, "claim_duration_seconds", "Time one claim statement took.", claim_buckets
@@ -77,6 +123,12 @@ class PrometheusRecorder(Recorder):
             "backlog_oldest_due_seconds",
             "How long the oldest due row has waited, at the latest backlog sample.",
         )
+        self._blocked_keys = _gauge(
+            reg,
+            "blocked_keys",
+            "Keys of ordered triggers held by a dead head (dispatcher keys blocked), at the "
+            "latest backlog sample.",
+        )
         self._backlog_sampled = _gauge(
             reg,
             "backlog_sample_timestamp_seconds",
@@ -86,8 +138,41 @@ class PrometheusRecorder(Recorder):
         for outcome in OUTCOMES:
             self._execution_seconds.labels(outcome=outcome)
             self._executions.labels(outcome=outcome)
+        build = Gauge(
+            "build_info",
+            "Always 1: the dispatcher version and the Python version, as labels.",
+            ["version", "python"],
+            namespace=NAMESPACE,
+            registry=reg,
+        )
+        build.labels(version=_package_version(), python=platform.python_version()).set(1)
+        # The latest backlog sample: (time.monotonic() when taken, due rows).
+        self._sample: tuple[float, int] | None = None
+        self._trigger_names: set[str] = set()
+        self._other_created = False
+        self._trigger_executions: Counter | None = None
+        self._trigger_dead_letters: Counter | None = None
+        if per_trigger:
+            self._trigger_executions = Counter(
+                "trigger_executions",
+                f"Executions finished, by trigger name (the first {per_trigger} names seen; "
+                "later ones as other) and outcome.",
+                ["trigger", "outcome"],
+                namespace=NAMESPACE,
+                registry=reg,
+            )
+            self._trigger_dead_letters = Counter(
+                "trigger_dead_letters",
+                "Executions whose row was decided to be dead-lettered, by trigger name "
+                "(capped as trigger_executions_total).",
+                ["trigger"],
+                namespace=NAMESPACE,
+                registry=reg,
+            )
         self._collector = _StatusCollector()
         reg.register(self._collector)
+        reg.register(_ReadyCollector(self))
+        _BY_REGISTRY[reg] = weakref.ref(self)
 
     # ----- Recorder -----
 
@@ -104,6 +189,62 @@ class PrometheusRecorder(Recorder):
         self._backlog_due.set(due)
         self._backlog_oldest.set(oldest_due_seconds)
         self._backlog_sampled.set(time.time())
+        self._sample = (time.monotonic(), due)
+
+    def blocked_keys(self, count: int) -> None:
+        self._blocked_keys.set(count)
+
+    def trigger_execution(self, trigger: str, outcome: str, dead_lettered: bool) -> None:
+        executions, dead = self._trigger_executions, self._trigger_dead_letters
+        if executions is None or dead is None:
+            return
+        label = self._trigger_label(trigger, executions, dead)
+        executions.labels(trigger=label, outcome=outcome if outcome in OUTCOMES else OTHER).inc()
+        if dead_lettered:
+            dead.labels(trigger=label).inc()
+
+    def _trigger_label(self, trigger: str, executions: Counter, dead: Counter) -> str:
+        """The name itself while fewer than ``per_trigger`` names have one, else ``other``.
+        A name's series are all created at once, at zero, so increase() sees its first
+        failure."""
+        if trigger in self._trigger_names:
+            return trigger
+        if len(self._trigger_names) >= self.per_trigger:
+            if self._other_created:
+                return OTHER
+            self._other_created = True
+            trigger = OTHER
+        else:
+            self._trigger_names.add(trigger)
+        for outcome in OUTCOMES:
+            executions.labels(trigger=trigger, outcome=outcome)
+        dead.labels(trigger=trigger)
+        return trigger
+
+    # ----- readiness -----
+
+    def readiness(self) -> Readiness:
+        """Whether every watched dispatcher's claims make progress: a claim succeeded within
+        ``ready_window`` seconds, or the latest backlog sample, taken within it, found
+        nothing due (:func:`dispatcher.core.health.process_readiness`)."""
+        now = time.monotonic()
+        sample = self._sample
+        since_sample = None if sample is None else now - sample[0]
+        due = None if sample is None else sample[1]
+        verdicts = []
+        for target in self._collector.watched():
+            status = _read(target).status
+            claimed = status.last_claim_monotonic
+            verdicts.append(
+                process_readiness(
+                    phase=status.phase.value,
+                    since_claim=None if claimed is None else now - claimed,
+                    due=due,
+                    since_sample=since_sample,
+                    window=self.ready_window,
+                )
+            )
+        return combined(verdicts)
 
     # ----- scrape-time status -----
 
@@ -117,6 +258,37 @@ class PrometheusRecorder(Recorder):
     def unwatch(self, dispatcher: _Observable) -> None:
         """Stop exporting ``dispatcher`` (its counts leave the sums: a counter reset)."""
         self._collector.remove(dispatcher)
+
+    @property
+    def watching(self) -> bool:
+        """Whether any dispatcher is watched."""
+        return bool(self._collector.watched())
+
+
+class _ReadyCollector:
+    """``dispatcher_ready``: the verdict of :meth:`PrometheusRecorder.readiness` at scrape
+    time, for alerts."""
+
+    def __init__(self, recorder: PrometheusRecorder) -> None:
+        self._recorder = weakref.ref(recorder)
+
+    def describe(self) -> Iterable[Metric]:
+        return [self._family()]
+
+    def collect(self) -> Iterable[Metric]:
+        recorder = self._recorder()
+        family = self._family()
+        if recorder is not None and recorder.watching:
+            family.add_metric([], 1.0 if recorder.readiness().ready else 0.0)
+        return [family]
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            f"{NAMESPACE}_ready",
+            "1 while claims make progress (a claim succeeded within the ready window, or "
+            "nothing was due at a recent backlog sample), else 0; absent with no dispatcher.",
+        )
 
 
 def _histogram(

@@ -22,8 +22,10 @@ import uuid
 
 import anyio
 import anyio.lowlevel
+import asyncpg
 from anyio.abc import TaskStatus
 
+from dispatcher import tracing
 from dispatcher.core.breakers import LocalBreakers
 from dispatcher.core.models import JsonValue, Mutation, Op
 from dispatcher.core.outcomes import Failure, FailureKind
@@ -168,6 +170,7 @@ class Dispatcher:
             gate_capacity=self.gate.capacity,
             gate_free=self.gate.free,
             stats=self.stats.as_dict(),
+            last_claim_monotonic=self._poller.last_claim_monotonic,
         )
 
     async def progressed(self) -> None:
@@ -315,6 +318,12 @@ class Dispatcher:
             return InvokeResult(
                 503, None, Failure(FailureKind.GATE_SATURATED, "execution gate is full")
             )
+        with tracing.invoke_span(trigger):
+            return await self._invoke(pool, trigger, payload, time_limit)
+
+    async def _invoke(
+        self, pool: asyncpg.Pool, trigger: int, payload: JsonValue, time_limit: float
+    ) -> InvokeResult:
         request_id = self.inbox.open()
         started = False
         try:
@@ -336,6 +345,7 @@ class Dispatcher:
                     t.id,
                     uuid.uuid4(),
                     self.config.lease_margin,
+                    tracing.current_traceparent(),
                 )
             assert record is not None
             # Run it here and now with the permit we hold; the execution belongs to the

@@ -10,9 +10,11 @@ from dataclasses import replace
 
 import anyio
 
+from dispatcher import tracing
 from dispatcher.core.breakers import LocalBreakers
 from dispatcher.core.outcomes import (
     ClaimedRow,
+    DeadLetter,
     ExecutionResult,
     Failure,
     FailureKind,
@@ -34,6 +36,24 @@ from dispatcher.runtime.signals import Signals
 from dispatcher.runtime.stats import Recorder, Stats
 
 log = logging.getLogger("dispatcher")
+
+
+def _span_attributes(row: ClaimedRow) -> dict[str, str | int]:
+    return {
+        "dispatcher.trigger": row.trigger_name,
+        "dispatcher.trigger_id": row.trigger_id,
+        "dispatcher.scope": row.scope,
+        "dispatcher.attempt": row.attempts + 1,
+        "dispatcher.depth": row.depth,
+        "dispatcher.event_id": str(row.event_id),
+        "dispatcher.outbox_id": row.id,
+    }
+
+
+def _decision_name(decision: Decision) -> str:
+    """``Complete`` -> ``complete``, ``DeadLetter`` -> ``dead_letter``: the span attribute."""
+    name = type(decision).__name__
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
 
 
 class Executions:
@@ -161,6 +181,15 @@ class Executions:
         self._settler.submit(row, decision)
 
     async def _decide(self, row: ClaimedRow) -> Decision:
+        if not tracing.enabled():
+            return await self._decide_untraced(row, None)
+        attributes = _span_attributes(row)
+        with tracing.execution_span(row.traceparent, row.trigger_name, attributes) as span:
+            return await self._decide_untraced(row, span)
+
+    async def _decide_untraced(
+        self, row: ClaimedRow, span: tracing.ExecutionSpan | None
+    ) -> Decision:
         # Admission (depth, orphans, age) was decided by the poller before the permit.
         self._stats.executed += 1
         started = time.perf_counter()
@@ -172,17 +201,21 @@ class Executions:
             result = self._executor_failed(row, exc)
         if isinstance(result, Failure) and retry_after_clamped(row, result, self._limits):
             self._clamped(row, result)
-        self.recorder.execution(
-            time.perf_counter() - started,
-            "success" if isinstance(result, Success) else result.kind.value,
-        )
+        outcome = "success" if isinstance(result, Success) else result.kind.value
+        self.recorder.execution(time.perf_counter() - started, outcome)
         if isinstance(result, Failure) and self._redactor.enabled:
             # Error text is kept in the outbox, dead letters and replies to gone callers.
             # Redact the whole text (the executor keeps up to 64 KiB of it): route() cuts it
             # to 8 KiB only afterwards, so no secret is cut in half before it is seen.
             secrets = self._redactor.secrets_in(row.payload)
             result = replace(result, message=self._redactor.redact_text(result.message, secrets))
-        return route(row, result, self._limits, self._rng)
+        decision = route(row, result, self._limits, self._rng)
+        dead = isinstance(decision, DeadLetter)
+        self.recorder.trigger_execution(row.trigger_name, outcome, dead)
+        if span is not None:
+            error = result.message if isinstance(result, Failure) else None
+            span.outcome(outcome, _decision_name(decision), error)
+        return decision
 
     def _executor_failed(self, row: ClaimedRow, exc: Exception) -> Failure:
         self._stats.internal_errors += 1

@@ -80,6 +80,7 @@ class Poller:
         self._local = local
         self.claiming = False
         self.last_claim_at: datetime | None = None
+        self.last_claim_monotonic: float | None = None
         self._last_notify = -1e9
         # The claim loop's reconnect backoff, reset by each successful claim.
         self._delay = config.reconnect_min
@@ -236,6 +237,7 @@ class Poller:
         self._delay = self._config.reconnect_min
         self._connections.ok()
         self.last_claim_at = datetime.now(UTC)
+        self.last_claim_monotonic = time.monotonic()
         self._stats.claims += 1
         self._stats.claimed_rows += len(records)
         self.recorder.claim(time.perf_counter() - started, len(records))

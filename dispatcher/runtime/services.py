@@ -60,6 +60,7 @@ async def sample_backlog(
         else:
             assert row is not None
             recorder.backlog(int(row["due"]), float(row["oldest_due_seconds"]))
+            recorder.blocked_keys(int(row["blocked_keys"]))
         await anyio.sleep(config.backlog_interval)
 
 

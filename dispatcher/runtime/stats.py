@@ -86,6 +86,9 @@ class StatusSnapshot:
     gate_capacity: int
     gate_free: int
     stats: dict[str, int]
+    # time.monotonic() at the latest successful claim statement (None before the first):
+    # what readiness measures, immune to wall-clock steps.
+    last_claim_monotonic: float | None = None
 
 
 class Recorder(Protocol):
@@ -101,6 +104,16 @@ class Recorder(Protocol):
         """Sampled periodically by the dispatcher, so a scrape never queries the database."""
         ...
 
+    def blocked_keys(self, count: int) -> None:
+        """Keys of ordered triggers held by a dead head, sampled with the backlog."""
+        ...
+
+    def trigger_execution(self, trigger: str, outcome: str, dead_lettered: bool) -> None:
+        """One execution of ``trigger`` (its name) ended in ``outcome``; ``dead_lettered``:
+        its row is to be dead-lettered (decided, before the settlement commits). Names are
+        not a closed set: a recorder that labels by them must cap them."""
+        ...
+
 
 class NullRecorder:
     def claim(self, seconds: float, rows: int) -> None:
@@ -110,4 +123,10 @@ class NullRecorder:
         pass
 
     def backlog(self, due: int, oldest_due_seconds: float) -> None:
+        pass
+
+    def blocked_keys(self, count: int) -> None:
+        pass
+
+    def trigger_execution(self, trigger: str, outcome: str, dead_lettered: bool) -> None:
         pass

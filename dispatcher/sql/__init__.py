@@ -8,6 +8,7 @@ name injected once.
 - :mod:`~dispatcher.sql.flow`: pauses, parked rows, breakers (:mod:`dispatcher.flow`);
 - :mod:`~dispatcher.sql.kv`: the reference KV and the per-root budgets;
 - :mod:`~dispatcher.sql.admin`: dead letters, abandoned executions, status;
+- :mod:`~dispatcher.sql.health`: the progress verdict of ``dispatcher status``;
 - :mod:`~dispatcher.sql.common`: the schema, the policy snapshot, the trigger-match predicate.
 
 :class:`Sql` is every owner but the operator's in one object (``queries(schema).claim``), so

@@ -6,6 +6,23 @@ from __future__ import annotations
 from dispatcher.sql.common import CLAIMED, SNAPSHOT, T_POLICY, Statements
 
 
+def key_head(q: str, o: str) -> str:
+    """Whether outbox row ``o`` may run now as far as its key's order goes: an unordered row
+    always; an ordered one (``order_key`` set) only when no row of its trigger and key with
+    a lower version is still in the outbox (running, retrying, parked or not yet due) and
+    the key is not blocked by a dead letter. Both are one probe of a primary or partial
+    index. An OR keeps the probes per-row filters of the caller's scan: a top-level NOT
+    EXISTS would be planned as an anti-join over every due row."""
+    return f"""({o}.order_key IS NULL OR (
+                    NOT EXISTS (SELECT 1 FROM {q}.outbox e
+                                WHERE e.trigger_id = {o}.trigger_id
+                                    AND e.order_key = {o}.order_key
+                                    AND e.key_seq < {o}.key_seq)
+                    AND NOT EXISTS (SELECT 1 FROM {q}.blocked_keys b
+                                    WHERE b.trigger_id = {o}.trigger_id
+                                        AND b.order_key = {o}.order_key)))"""
+
+
 class ClaimSql(Statements):
     """What the poller and synchronous calls run to lease rows."""
 
@@ -29,6 +46,7 @@ class ClaimSql(Statements):
                     SELECT r.trigger_id,
                         (SELECT p.id FROM {s}.outbox p
                          WHERE p.trigger_id = r.trigger_id AND p.parked_at IS NULL
+                             AND {key_head(s, "p")}
                          ORDER BY p.due_at LIMIT 1) AS probe
                     FROM {s}.breakers r
                     WHERE r.state = 'open' AND r.open_until <= clock_timestamp()
@@ -75,6 +93,8 @@ class ClaimSql(Statements):
                     AND (o.scope || '') <> ALL ((SELECT scopes FROM held)::text[])
                     AND ((o.trigger_id + 0) <> ALL ((SELECT triggers FROM held)::bigint[])
                          OR o.id = ANY ((SELECT probes FROM held)::bigint[]))
+                    -- Ordered triggers: only the head of each key, never a blocked key's.
+                    AND {key_head(s, "o")}
                 ORDER BY due_at
                 LIMIT $1
                 FOR UPDATE SKIP LOCKED
@@ -92,10 +112,10 @@ class ClaimSql(Statements):
         # as abandoned instead of running it (at most once).
         self.insert_invocation = f"""
             INSERT INTO {s}.outbox AS o (event_id, payload, depth, reply_to, reply_owner,
-                reply_deadline, lease_token, due_at, {SNAPSHOT})
+                reply_deadline, lease_token, due_at, traceparent, {SNAPSHOT})
             SELECT $1, $2::jsonb, $3, $4, $5,
                 clock_timestamp() + make_interval(secs => $6), $8,
-                clock_timestamp() + make_interval(secs => t.timeout + $9),
+                clock_timestamp() + make_interval(secs => t.timeout + $9), $10,
                 t.id, t.scope, t.name, t.target, t.registered_by, {T_POLICY}
             FROM {s}.triggers t WHERE t.id = $7
             RETURNING {CLAIMED}"""
@@ -106,9 +126,11 @@ class ClaimSql(Statements):
                         LIMIT $1) AS d) AS due,
                 coalesce(extract(epoch FROM clock_timestamp() - (
                     SELECT min(due_at) FROM {s}.outbox WHERE due_at <= clock_timestamp()
-                )), 0)::float8 AS oldest_due_seconds"""
+                )), 0)::float8 AS oldest_due_seconds,
+                (SELECT count(*) FROM {s}.blocked_keys) AS blocked_keys"""
         # For run_until_idle: what is claimable now, and what will become claimable without
-        # an operator (parked and paused rows wait for one, so they do not count).
+        # an operator (parked, paused and blocked-key rows wait for one, so they do not
+        # count).
         self.due_count = f"""
             SELECT count(*) FILTER (WHERE due_at <= clock_timestamp() AND NOT EXISTS (
                         SELECT 1 FROM {s}.breakers b
@@ -119,6 +141,9 @@ class ClaimSql(Statements):
                 extract(epoch FROM min(due_at) - clock_timestamp())::float8 AS next_due_in
             FROM {s}.outbox o
             WHERE parked_at IS NULL
+                AND NOT EXISTS (
+                    SELECT 1 FROM {s}.blocked_keys k
+                    WHERE k.trigger_id = o.trigger_id AND k.order_key = o.order_key)
                 AND NOT EXISTS (
                     SELECT 1 FROM {s}.pauses p
                     WHERE (p.scope IS NULL OR p.scope = o.scope)

@@ -30,7 +30,8 @@ SNAPSHOT = f"trigger_id, scope, trigger_name, target, registered_by, {POLICY}"
 CLAIMED = f"""o.id, o.lease_token, o.event_id, o.trigger_id, o.scope, o.trigger_name,
                 o.target, o.registered_by, o.payload, o.attempts, o.orphans, o.depth,
                 o.reply_to, o.reply_owner, o.dead_letter_id, {POLICY},
-                extract(epoch FROM clock_timestamp() - o.created_at)::float8 AS age"""
+                extract(epoch FROM clock_timestamp() - o.created_at)::float8 AS age,
+                o.traceparent"""
 
 
 def trigger_matches(t: str, namespace: str, key: str) -> str:

@@ -1,4 +1,5 @@
-"""Fan-out: the producers' calls into the emit functions (migrations 0007, 0010, 0011)."""
+"""Fan-out: the producers' calls into the emit functions (migrations 0007, 0010, 0011,
+0012, 0014, 0015)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ class EmitSql(Statements):
         self.emit = f"""
             SELECT over_ordinal, over_matched, matched, outbox_ids, event_ids, trigger_ids
             FROM {s}.emit_many($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
-                $6::jsonb[], $7::int[], $8::uuid[], $9::int, $10::bool, $11::jsonb[])"""
+                $6::jsonb[], $7::int[], $8::uuid[], $9::int, $10::bool, $11::jsonb[],
+                $12::text)"""
         # The single-mutation form of ``emit``.
         self.emit_one = f"""
             SELECT matched, outbox_ids, trigger_ids
             FROM {s}.emit($1::uuid, $2::text, $3::text, $4::text, $5::text, $6::jsonb,
-                $7::int, $8::uuid, $9::int, $10::bool, $11::jsonb)"""
+                $7::int, $8::uuid, $9::int, $10::bool, $11::jsonb, $12::text)"""

@@ -86,6 +86,30 @@ class FlowSql(Statements):
                 (SELECT count(*) FROM (
                     SELECT pg_notify('{self.channel}', '') FROM u LIMIT 1) AS w) AS notified"""
         self.list_breakers = f"{breakers_select(s)} ORDER BY b.updated_at DESC"
+        # Keys of ordered triggers held by a dead letter ($1 trigger id, $2 scope, $3 limit),
+        # oldest first, with how many rows wait behind each.
+        self.list_blocked_keys = f"""
+            SELECT b.trigger_id, b.order_key, b.scope, b.trigger_name, b.dead_letter_id,
+                b.key_seq, b.blocked_at, d.reason, d.resolution,
+                (SELECT count(*) FROM {s}.outbox o
+                 WHERE o.trigger_id = b.trigger_id AND o.order_key = b.order_key) AS waiting
+            FROM {s}.blocked_keys b LEFT JOIN {s}.dead_letters d ON d.id = b.dead_letter_id
+            WHERE ($1::bigint IS NULL OR b.trigger_id = $1)
+                AND ($2::text IS NULL OR b.scope = $2)
+            ORDER BY b.blocked_at, b.trigger_id, b.order_key
+            LIMIT $3"""
+        self.count_blocked_keys = f"SELECT count(*) FROM {s}.blocked_keys"
+        # Skip a blocked key's dead head ($1 trigger id, $2 key; $2 NULL: every key of the
+        # trigger): the dead letter stays as it is, the key's later rows run.
+        self.unblock_keys = f"""
+            WITH u AS (
+                DELETE FROM {s}.blocked_keys
+                WHERE trigger_id = $1 AND ($2::text IS NULL OR order_key = $2)
+                RETURNING order_key
+            )
+            SELECT (SELECT count(*) FROM u) AS unblocked,
+                (SELECT count(*) FROM (
+                    SELECT pg_notify('{self.channel}', '') FROM u LIMIT 1) AS w) AS notified"""
         # What `unpark` would take ($1 trigger id, $2 scope, $3 limit; the same selection as
         # ``unpark``), for a dry run. No FOR UPDATE: a dry run must not hold rows a
         # dispatcher's sibling-success un-park would then skip.

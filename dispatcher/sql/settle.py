@@ -45,13 +45,21 @@ class SettleSql(Statements):
 
         # Async successes: delete, close the trigger's breaker if it was counting failures or
         # open, and un-park a bounded batch of the trigger's parked rows (a success shows
-        # the cause of parking is gone).
+        # the cause of parking is gone). A finished row of an ordered trigger that delivers
+        # every state makes its key's next row the head: a wake-up hint lets the next claim
+        # take it now rather than at the next poll. A latest-state trigger's next row waits
+        # for the poll, which paces a hot key to about one delivery per poll interval.
         self.complete_fenced = f"""
             WITH d AS (
                 DELETE FROM {s}.outbox o
                 USING unnest($1::bigint[], $2::uuid[]) AS f(id, token)
                 WHERE o.id = f.id AND o.lease_token = f.token
-                RETURNING o.id, o.trigger_id
+                RETURNING o.id, o.trigger_id, o.order_key
+            ),
+            chained AS (
+                SELECT 1 FROM d JOIN {s}.triggers tr ON tr.id = d.trigger_id
+                WHERE d.order_key IS NOT NULL AND tr.delivery = 'all'
+                LIMIT 1
             ),
             t AS (SELECT DISTINCT trigger_id FROM d),
             unparked AS (
@@ -90,7 +98,9 @@ class SettleSql(Statements):
                 (SELECT coalesce(array_agg(trigger_id), '{{}}') FROM was) AS breakers_closed,
                 (SELECT count(*) FROM (
                     SELECT pg_notify('{self.channel}', '') FROM unparked LIMIT 1) AS w)
-                    AS notified"""
+                    AS notified,
+                (SELECT count(*) FROM (
+                    SELECT pg_notify('{self.channel}', '') FROM chained) AS w) AS chained"""
         # Counted failures per trigger: open the breaker at the threshold (or at once from
         # half-open: the probe failed). One upsert per trigger; returns the triggers whose
         # breaker opened with this statement.
@@ -225,7 +235,7 @@ class SettleSql(Statements):
             dl AS (
                 INSERT INTO {s}.dead_letters (outbox_id, event_id, trigger_id, scope,
                     trigger_name, target, registered_by, payload, policy, depth, attempts,
-                    reason, errors, event_created_at)
+                    reason, errors, event_created_at, order_key, key_seq, traceparent)
                 -- dl_payload: the payload with secrets redacted, when redaction is on.
                 SELECT id, event_id, trigger_id, scope, trigger_name, target, registered_by,
                     coalesce(dl_payload::jsonb, payload),
@@ -239,18 +249,33 @@ class SettleSql(Statements):
                         ELSE errors || jsonb_build_array(dl_error::jsonb
                             || jsonb_build_object('at', clock_timestamp()))
                     END,
-                    created_at
+                    created_at, order_key, key_seq, traceparent
                 FROM moved
                 RETURNING id, outbox_id, scope, trigger_id, trigger_name, payload, depth,
-                    reason, attempts, errors
+                    reason, attempts, errors, order_key, key_seq, traceparent
+            ),
+            -- An ordered trigger's head that blocks its key on dead-lettering: the key's
+            -- later rows wait (the claim skips blocked keys) until an operator acts.
+            blocked AS (
+                INSERT INTO {s}.blocked_keys (trigger_id, order_key, scope, trigger_name,
+                    dead_letter_id, key_seq)
+                SELECT dl.trigger_id, dl.order_key, dl.scope, dl.trigger_name, dl.id,
+                    dl.key_seq
+                FROM dl JOIN moved ON moved.id = dl.outbox_id
+                WHERE moved.blocks_key AND dl.order_key IS NOT NULL
+                ON CONFLICT (trigger_id, order_key) DO NOTHING
+                RETURNING trigger_id
             ),
             handlers AS (
-                INSERT INTO {s}.outbox (event_id, payload, depth, dead_letter_id, {SNAPSHOT})
+                -- The handlers run in the dead letter's trace (dispatcher.tracing).
+                INSERT INTO {s}.outbox (event_id, payload, depth, dead_letter_id, traceparent,
+                    {SNAPSHOT})
                 SELECT gen_random_uuid(),
                     jsonb_build_object('dead_letter_id', dl.id, 'trigger', dl.trigger_name,
                         'trigger_id', dl.trigger_id, 'reason', dl.reason,
                         'attempts', dl.attempts, 'errors', dl.errors, 'event', dl.payload),
-                    dl.depth, dl.id, t.id, t.scope, t.name, t.target, t.registered_by,
+                    dl.depth, dl.id, dl.traceparent, t.id, t.scope, t.name, t.target,
+                    t.registered_by,
                     {T_POLICY}
                 FROM dl JOIN {s}.triggers t
                     ON t.scope = dl.scope
@@ -261,6 +286,7 @@ class SettleSql(Statements):
             )
             SELECT (SELECT coalesce(array_agg(outbox_id), '{{}}') FROM dl) AS moved,
                 (SELECT count(*) FROM handlers) AS handlers,
+                (SELECT count(*) FROM blocked) AS blocked,
                 (SELECT count(*) FROM (
                     SELECT pg_notify('{self.channel}', '') FROM handlers LIMIT 1) AS w)
                     AS notified"""

@@ -15,9 +15,10 @@ class TriggerSql(Statements):
             INSERT INTO {s}.triggers (scope, name, namespace, key_pattern, pattern_kind,
                 match_prefix, match_like, ops, target, {POLICY}, enabled,
                 is_dead_letter_handler, registered_by, condition, condition_path,
-                condition_vars, condition_changed, fields)
+                condition_vars, condition_changed, fields, ordering, on_dead_letter, delivery)
             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
-                $18, $19, $20, $21, $23, $24::jsonpath, $25::jsonb, $26::jsonb, $27::text[]
+                $18, $19, $20, $21, $23, $24::jsonpath, $25::jsonb, $26::jsonb, $27::text[],
+                $28, $29, $30
             WHERE (SELECT count(*) FROM {s}.triggers WHERE scope = $1) < $22
             ON CONFLICT (scope, name) DO NOTHING
             RETURNING *"""

@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 import pytest
 from cli_run import ok, ok_json, run
-from schema_history import downgrade, functions
+from schema_history import add_trigger_row, downgrade, functions
 
 from dispatcher import (
     Captures,
@@ -22,8 +22,9 @@ from dispatcher import (
     emit,
     emit_many,
 )
-from dispatcher.core.conditions import ConditionError
+from dispatcher.core.conditions import ConditionError, compile_condition
 from dispatcher.migrate import migrate
+from dispatcher.triggers import _condition_columns
 
 pytestmark = pytest.mark.anyio
 
@@ -212,8 +213,21 @@ async def test_migration_round_trip(empty_dsn: str) -> None:
         at_0011 = await functions(conn)
         await migrate(empty_dsn, revision="0012")
         upgraded = await functions(conn)
-        await trigger(conn, "paid", when=PAID)
-        await emit(conn, order(1, "paid", old="open"), autocommit=True)
+        # Written as SQL: the registry writes the newest revision's columns.
+        tid = await add_trigger_row(
+            conn, scope="acme", name="paid", namespace="orders", prefix="orders/"
+        )
+        await conn.execute(
+            """UPDATE dispatcher.triggers SET condition = $2, condition_path = $3::jsonpath,
+                   condition_vars = $4::jsonb, condition_changed = $5::jsonb WHERE id = $1""",
+            tid,
+            *_condition_columns(compile_condition(PAID)),
+        )
+        # As SQL: the library's emit passes the newest revision's arguments.
+        await conn.execute(
+            "SELECT dispatcher.emit(gen_random_uuid(), 'acme', 'orders', 'orders/1', 'put', "
+            """'{"id": 1, "status": "paid"}', old => '{"id": 1, "status": "open"}')"""
+        )
         await downgrade(empty_dsn, "0011")
         assert await functions(conn) == at_0011
         columns = await conn.fetchval(

@@ -270,7 +270,7 @@ async def test_a_dead_callers_reply_is_recorded_with_its_rows_settlement(
     await conn.fetchrow(
         q.insert_invocation,
         uuid.uuid4(), json.dumps({"x": 1}), 0, "gone-inbox:1", "gone-inbox", -1.0, tid,
-        uuid.uuid4(), 0.0,
+        uuid.uuid4(), 0.0, None,
     )  # fmt: skip
     # Its lease ran out with its process.
     await conn.execute("UPDATE dispatcher.outbox SET due_at = clock_timestamp() - interval '1s'")

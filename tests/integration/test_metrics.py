@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.metadata
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -33,6 +35,7 @@ from dispatcher import (
     TriggerRegistry,
     emit,
 )
+from dispatcher.core.errors import DispatcherError
 from dispatcher.metrics import (
     EXPORTED_STATS,
     OUTCOMES,
@@ -176,6 +179,12 @@ async def test_a_run_with_a_success_a_retry_and_a_dead_letter(
     assert value(s, "dispatcher_gate_capacity") == 10
     assert value(s, "dispatcher_gate_free") == 10
     assert value(s, "dispatcher_in_flight") == 0
+    # The same gauges under the names with their unit (the old ones are deprecated).
+    assert value(s, "dispatcher_gate_capacity_permits") == 10
+    assert value(s, "dispatcher_gate_free_permits") == 10
+    assert value(s, "dispatcher_in_flight_executions") == 0
+    # Off unless asked for: no per-trigger series.
+    assert not [n for n, _ in s if n.startswith("dispatcher_trigger_")]
     assert value(s, "dispatcher_consecutive_db_failures") == 0
     assert value(s, "dispatcher_phase", phase="stopped") == 1
     assert value(s, "dispatcher_phase", phase="idle") == 0
@@ -183,6 +192,67 @@ async def test_a_run_with_a_success_a_retry_and_a_dead_letter(
     # The backlog is sampled as the dispatcher starts, before it claims anything.
     assert value(s, "dispatcher_backlog_sample_timestamp_seconds") > 0
     assert 0 <= value(s, "dispatcher_backlog_due_rows") <= 3
+
+
+@pytest.mark.anyio
+async def test_per_trigger_series_name_the_failing_trigger_up_to_the_cap(
+    dsn: str, conn: asyncpg.Connection
+) -> None:
+    handlers = RecordingHandlers()
+    handlers.fail("charge", "card service down")
+    handlers.succeed("mail")
+    await add_trigger(conn, "charge", "charge", "users/1")
+    await add_trigger(conn, "mail", "mail", "users/2")
+    registry = CollectorRegistry()
+    # One name gets a label: the first seen. Every later one is "other".
+    recorder = PrometheusRecorder(registry, per_trigger=1)
+    config = DispatcherConfig(poll_interval=0.05)
+    await put(conn, "users/1")
+    first = Dispatcher(dsn, handlers, config=config)
+    instrument(first, recorder=recorder)
+    await first.run_until_idle(time_limit=30, include_scheduled=True)
+    await put(conn, "users/2")
+    second = Dispatcher(dsn, handlers, config=config)
+    instrument(second, recorder=recorder)
+    await second.run_until_idle(time_limit=30, include_scheduled=True)
+
+    text = generate_latest(registry).decode()
+    assert 'trigger="mail"' not in text
+    s = parse(text)
+    executions = "dispatcher_trigger_executions_total"
+    assert value(s, executions, trigger="charge", outcome="handler_error") == 2
+    assert value(s, executions, trigger="charge", outcome="success") == 0
+    assert value(s, "dispatcher_trigger_dead_letters_total", trigger="charge") == 1
+    assert value(s, executions, trigger="other", outcome="success") == 1
+    assert value(s, "dispatcher_trigger_dead_letters_total", trigger="other") == 0
+    assert {dict(labels).get("trigger") for name, labels in s if name == executions} == {
+        "charge",
+        "other",
+    }
+    # Summed over triggers, the same as the unlabelled families.
+    assert value(s, "dispatcher_dead_letters_total", reason="handler_error") == 1
+    assert value(s, "dispatcher_executions_total", outcome="handler_error") == 2
+
+
+def test_build_info_names_the_version_and_python() -> None:
+    registry = CollectorRegistry()
+    PrometheusRecorder(registry)
+    [info] = [
+        labels
+        for (name, labels), v in scrape(registry).items()
+        if name == "dispatcher_build_info" and v == 1
+    ]
+    assert dict(info) == {
+        "version": importlib.metadata.version("dispatcher"),
+        "python": platform.python_version(),
+    }
+
+
+def test_recorder_refuses_a_bad_cap_or_window() -> None:
+    with pytest.raises(ValueError, match="per_trigger"):
+        PrometheusRecorder(CollectorRegistry(), per_trigger=-1)
+    with pytest.raises(DispatcherError, match="ready_window"):
+        PrometheusRecorder(CollectorRegistry(), ready_window=0)
 
 
 class SamplingRecorder(PrometheusRecorder):
@@ -285,6 +355,19 @@ async def test_http_endpoint_serves_the_series_during_a_run(
         await fetch(server.url)
 
 
+async def ready_body(url: str) -> str:
+    """Poll ``/readyz`` until it answers 200 (a probe polls too); its body."""
+    with anyio.fail_after(20):
+        while True:
+            try:
+                return await fetch(url)
+            except urllib.error.HTTPError as exc:
+                exc.close()
+                if exc.code != 503:
+                    raise
+            await anyio.sleep(0.05)
+
+
 def _cli(dsn: str, *args: str) -> list[str]:
     return [
         sys.executable,
@@ -321,10 +404,15 @@ async def test_cli_run_serves_metrics_and_stops_on_sigterm(dsn: str) -> None:
                 err += await process.stderr.receive()
             url = err.split(b"metrics: ", 1)[1].split(b"\n", 1)[0].decode().strip()
             assert url.startswith("http://127.0.0.1:")
+            base = url.removesuffix("/metrics")
+            assert await fetch(f"{base}/healthz") == "ok\n"
+            ready = await ready_body(f"{base}/readyz")
             s = parse(await fetch(url))
             process.send_signal(signal.SIGTERM)
             code = await process.wait()
     assert code == 0, err
+    assert ready.startswith("ready: "), ready
+    assert value(s, "dispatcher_ready") == 1
     assert value(s, "dispatcher_gate_capacity") == 7
     assert sum(v for (name, _), v in s.items() if name == "dispatcher_phase") == 1
     assert value(s, "dispatcher_phase", phase="stopped") == 0

@@ -244,7 +244,11 @@ async def test_migration_round_trip_keeps_every_grant(empty_dsn: str) -> None:
         assert by_name["dispatcher.emit_many"][2] == at_0010[1][2]
         assert "=X/" not in by_name["dispatcher.capture_row"][2].replace("postgres=X/", "")
         await add_trigger_row(conn, scope="acme", name="watch", namespace="users", prefix="users/")
-        await emit(conn, Mutation("acme", "users", "users/1", Op.PUT, 2, old=1), autocommit=True)
+        # As SQL: the library's emit passes the newest revision's arguments.
+        await conn.execute(
+            "SELECT dispatcher.emit(gen_random_uuid(), 'acme', 'users', 'users/1', 'put', '2', "
+            "old => '1')"
+        )
 
         await downgrade(empty_dsn, "0010")
         assert await functions(conn) == at_0010
