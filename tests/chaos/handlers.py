@@ -5,10 +5,12 @@ Every handler writes the execution ledger (:mod:`tests.chaos.ledger`) in its own
 What a ``work`` handler does is read from the event's value, so one registry serves every
 scenario::
 
-    {"ms": [5, 50], "fail_rate": 0.02, "always_fail": false, "fail_first": 0, "kv": 0}
+    {"ms": [5, 50], "fail_rate": 0.02, "always_fail": false, "fail_first": 0, "kv": 0,
+     "gate": false}
 
 (``kv``: how many writes the handler makes through ``ctx.kv``, into the ``chaos-kv``
-namespace, which no trigger watches.)
+namespace, which no trigger watches; ``gate``: refuse with a ``PermanentError`` while the
+event's key is listed in the ledger's refused keys, which a test can change mid-run.)
 
 Randomness is seeded by the idempotency key and the attempt, so a run can be replayed.
 
@@ -90,6 +92,7 @@ def _start_of(ctx: HandlerContext) -> Start:
     event_id, _, trigger_id = ctx.idempotency_key.partition(":")
     scope = ctx.event.get("scope")
     key = ctx.event.get("key")
+    seq = ctx.event.get("seq")
     return Start(
         event_id=uuid.UUID(event_id),
         trigger_id=int(trigger_id),
@@ -100,6 +103,7 @@ def _start_of(ctx: HandlerContext) -> Start:
         attempt=ctx.attempt,
         depth=ctx.depth,
         principal=ctx.principal.id,
+        seq=seq if isinstance(seq, int) else None,
     )
 
 
@@ -166,6 +170,8 @@ def build_registry(
             await anyio.sleep(rng.uniform(lo, hi) / 1000)
         if spec.get("always_fail"):
             raise RuntimeError("always fails")
+        if spec.get("gate") and await led.refused(str(ctx.event.get("key"))):
+            raise PermanentError(f"key {ctx.event.get('key')} is refused")
         first = spec.get("fail_first", 0)
         if isinstance(first, int) and ctx.attempt <= first:
             raise RuntimeError(f"fails on attempt {ctx.attempt}")

@@ -263,6 +263,8 @@ class Harness:
         is_dead_letter_handler: bool = False,
         ops: Iterable[str] = ("put", "delete"),
         conn: asyncpg.Connection | None = None,
+        ordering: str | None = None,
+        on_dead_letter: str | None = None,
     ) -> TriggerSpec:
         policy = retry or RetryPolicy(base_delay=0.1, max_delay=0.5, max_attempts=3)
         async with (await self.pool()).acquire() as own:
@@ -278,6 +280,8 @@ class Harness:
                 execution_timeout=execution_timeout,
                 is_dead_letter_handler=is_dead_letter_handler,
                 ops=ops,
+                ordering=ordering,
+                on_dead_letter=on_dead_letter,
             )
         return TriggerSpec(
             t.id,

@@ -21,6 +21,7 @@ import anyio
 import asyncpg
 
 TABLE = "public.chaos_ledger"
+REFUSED = "public.chaos_refused_keys"
 APPLICATION_NAME = "chaos-ledger"
 DSN_ENV = "CHAOS_LEDGER_DSN"
 # How a start that may not have been written is reported (see harness._without_phantom_starts).
@@ -48,10 +49,14 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
     outcome text,
     note jsonb,
     -- The last error in the row's history when this execution started: why it is a retry.
-    previous_error jsonb
+    previous_error jsonb,
+    -- An ordered trigger's key version (the payload's ``seq``); NULL for unordered rows.
+    seq bigint
 );
 CREATE INDEX IF NOT EXISTS chaos_ledger_pair_idx ON {TABLE} (event_id, trigger_id);
 CREATE INDEX IF NOT EXISTS chaos_ledger_started_idx ON {TABLE} (started_at);
+-- Keys a ``work`` handler with ``"gate": true`` refuses (PermanentError) while listed here.
+CREATE TABLE IF NOT EXISTS {REFUSED} (key text PRIMARY KEY);
 """
 
 # The lease columns come from the outbox row this execution was claimed under: the claim set
@@ -60,9 +65,9 @@ CREATE INDEX IF NOT EXISTS chaos_ledger_started_idx ON {TABLE} (started_at);
 _START = f"""
 INSERT INTO {TABLE} (event_id, trigger_id, trigger_name, scope, event_scope, key,
     lease_token, lease_expires_at, is_reply, dead_letter_id, attempt, depth, principal, pid,
-    previous_error)
+    previous_error, seq)
 SELECT $1, $2, $3, $4, $5, $6, o.lease_token, o.due_at, coalesce(o.reply_to IS NOT NULL, false),
-    o.dead_letter_id, $7, $8, $9, $10, o.errors -> -1
+    o.dead_letter_id, $7, $8, $9, $10, o.errors -> -1, $11
 FROM (SELECT 1) AS one
 LEFT JOIN {{schema}}.outbox o ON o.event_id = $1 AND o.trigger_id = $2
 RETURNING id"""
@@ -89,6 +94,7 @@ class Start:
     attempt: int
     depth: int
     principal: str
+    seq: int | None = None
 
 
 class Ledger:
@@ -150,10 +156,17 @@ class Ledger:
                 s.depth,
                 s.principal,
                 os.getpid(),
+                s.seq,
             )
         except _DB_ERRORS as exc:
             raise LedgerUnavailable(f"{LEDGER_START_FAILED}: {exc!r}") from None
         return int(value)
+
+    async def refused(self, key: str) -> bool:
+        """Whether ``key`` is listed in the refused keys (see ``work``'s ``gate``)."""
+        return bool(
+            await self._fetchval(f"SELECT EXISTS (SELECT FROM {REFUSED} WHERE key = $1)", key)
+        )
 
     async def end(
         self, ledger_id: int, outcome: str, note: object = None, *, patience: float = 30.0
