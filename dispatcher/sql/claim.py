@@ -5,6 +5,12 @@ from __future__ import annotations
 
 from dispatcher.sql.common import CLAIMED, SNAPSHOT, T_POLICY, Statements
 
+# Where an ordered trigger's row waits while an earlier row of its key is in the outbox:
+# beyond the claim's index range on due_at, so a long queue behind a held key costs the
+# claim nothing. The emit functions write it; the triggers of migration 0014 end it when the
+# key's earlier rows have left (or its block is lifted).
+WAITING = "'infinity'::timestamptz"
+
 
 def key_head(q: str, o: str) -> str:
     """Whether outbox row ``o`` may run now as far as its key's order goes: an unordered row
@@ -119,6 +125,22 @@ class ClaimSql(Statements):
                 t.id, t.scope, t.name, t.target, t.registered_by, {T_POLICY}
             FROM {s}.triggers t WHERE t.id = $7
             RETURNING {CLAIMED}"""
+        # The backstop of migration 0014's promotion triggers: a key's first waiting row whose
+        # key has no earlier row left and is not blocked is made due (a rolled-back
+        # settlement, a row another client wrote). $1: at most that many keys per sweep.
+        self.promote_stranded = f"""
+            WITH waiting AS MATERIALIZED (
+                SELECT DISTINCT ON (w.trigger_id, w.order_key) w.id
+                FROM {s}.outbox w
+                WHERE w.order_key IS NOT NULL AND w.due_at = {WAITING}
+                    AND w.parked_at IS NULL
+                ORDER BY w.trigger_id, w.order_key, w.key_seq
+                LIMIT $1
+            )
+            UPDATE {s}.outbox o SET due_at = clock_timestamp()
+            FROM waiting
+            WHERE o.id = waiting.id AND o.due_at = {WAITING} AND {key_head(s, "o")}
+            RETURNING o.id"""
         # Bounded so that sampling a huge backlog stays cheap; both parts use the due index.
         self.backlog_sample = f"""
             SELECT (SELECT count(*) FROM (

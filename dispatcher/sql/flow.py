@@ -100,16 +100,15 @@ class FlowSql(Statements):
             LIMIT $3"""
         self.count_blocked_keys = f"SELECT count(*) FROM {s}.blocked_keys"
         # Skip a blocked key's dead head ($1 trigger id, $2 key; $2 NULL: every key of the
-        # trigger): the dead letter stays as it is, the key's later rows run.
+        # trigger): the dead letter stays as it is, the key's later rows run (the trigger
+        # blocked_keys_lifted of migration 0014 makes the next one due, with a wake-up).
         self.unblock_keys = f"""
             WITH u AS (
                 DELETE FROM {s}.blocked_keys
                 WHERE trigger_id = $1 AND ($2::text IS NULL OR order_key = $2)
                 RETURNING order_key
             )
-            SELECT (SELECT count(*) FROM u) AS unblocked,
-                (SELECT count(*) FROM (
-                    SELECT pg_notify('{self.channel}', '') FROM u LIMIT 1) AS w) AS notified"""
+            SELECT (SELECT count(*) FROM u) AS unblocked"""
         # What `unpark` would take ($1 trigger id, $2 scope, $3 limit; the same selection as
         # ``unpark``), for a dry run. No FOR UPDATE: a dry run must not hold rows a
         # dispatcher's sibling-success un-park would then skip.

@@ -45,21 +45,14 @@ class SettleSql(Statements):
 
         # Async successes: delete, close the trigger's breaker if it was counting failures or
         # open, and un-park a bounded batch of the trigger's parked rows (a success shows
-        # the cause of parking is gone). A finished row of an ordered trigger that delivers
-        # every state makes its key's next row the head: a wake-up hint lets the next claim
-        # take it now rather than at the next poll. A latest-state trigger's next row waits
-        # for the poll, which paces a hot key to about one delivery per poll interval.
+        # the cause of parking is gone). (An ordered row leaving makes its key's next row
+        # due: the trigger outbox_key_left of migration 0014.)
         self.complete_fenced = f"""
             WITH d AS (
                 DELETE FROM {s}.outbox o
                 USING unnest($1::bigint[], $2::uuid[]) AS f(id, token)
                 WHERE o.id = f.id AND o.lease_token = f.token
-                RETURNING o.id, o.trigger_id, o.order_key
-            ),
-            chained AS (
-                SELECT 1 FROM d JOIN {s}.triggers tr ON tr.id = d.trigger_id
-                WHERE d.order_key IS NOT NULL AND tr.delivery = 'all'
-                LIMIT 1
+                RETURNING o.id, o.trigger_id
             ),
             t AS (SELECT DISTINCT trigger_id FROM d),
             unparked AS (
@@ -98,9 +91,7 @@ class SettleSql(Statements):
                 (SELECT coalesce(array_agg(trigger_id), '{{}}') FROM was) AS breakers_closed,
                 (SELECT count(*) FROM (
                     SELECT pg_notify('{self.channel}', '') FROM unparked LIMIT 1) AS w)
-                    AS notified,
-                (SELECT count(*) FROM (
-                    SELECT pg_notify('{self.channel}', '') FROM chained) AS w) AS chained"""
+                    AS notified"""
         # Counted failures per trigger: open the breaker at the threshold (or at once from
         # half-open: the probe failed). One upsert per trigger; returns the triggers whose
         # breaker opened with this statement.
@@ -266,6 +257,7 @@ class SettleSql(Statements):
                 ON CONFLICT (trigger_id, order_key) DO NOTHING
                 RETURNING trigger_id
             ),
+
             handlers AS (
                 -- The handlers run in the dead letter's trace (dispatcher.tracing).
                 INSERT INTO {s}.outbox (event_id, payload, depth, dead_letter_id, traceparent,

@@ -30,6 +30,18 @@ key's later rows wait until an operator replays or discards the dead letter, or 
 key (skips it). Dead letters keep ``order_key`` and ``key_seq``, and a replay keeps them: the
 replayed row runs before the key's later rows.
 
+**Waiting rows.** An ordered row written while an earlier row of its trigger and key is in
+the outbox waits at ``due_at = 'infinity'``, beyond the claim's index range, so a long queue
+behind a running, retrying or blocked head costs the claim nothing. It becomes due when the
+rows before it have left: ``outbox_key_left`` (after each ordered row is deleted: done,
+dead-lettered without a block, cut by the depth limit) and ``blocked_keys_lifted`` (a block
+lifted by a replay, discard, purge or unblock) make the key's first row due if it waits and
+the key is not blocked; ``outbox_promote_waiting``, deferred to the commit of the
+transaction that wrote a waiting row, does the same for it when nothing is left before it
+by then. The two meet on a row lock (see ``promote_waiting``), so a row is not left waiting
+by an emit and a settlement that overlap. (Each dispatcher also sweeps every few seconds for
+a first waiting row of an unblocked key with nothing before it.)
+
 **Coalescing.** For a ``delivery = 'latest'`` trigger, a mutation of a key whose newest row is
 still pending (never attempted, not leased, not parked) replaces that row's event id, payload,
 depth and version in place, keeping its due time, instead of adding a row. This step runs as
@@ -75,8 +87,21 @@ def _pieces() -> ModuleType:
     return _load("0011_old_values_capture.py")
 
 
-# The columns an ordered row adds to the outbox insert, and the trigger columns they come from.
-ORDER_COLUMNS = "order_key, key_seq, blocks_key"
+# The columns an ordered row adds to the outbox insert (due_at: a row behind its key's head
+# waits at 'infinity', out of the claim's index range, until the head leaves).
+ORDER_COLUMNS = "order_key, key_seq, blocks_key, due_at"
+WAITING = "'infinity'::timestamptz"
+
+
+def _due(q: str, tid: str, key: str, behind: str = "false") -> str:
+    """An ordered row's due time: now when it is its key's head, else 'infinity' (waiting)
+    when a row of its trigger and key is in the outbox already, or ``behind`` (an earlier
+    row of the same call) holds. The check reads the statement's snapshot: a row it misses
+    (committed meanwhile) only makes this one due early, and the claim's head test still
+    holds it back."""
+    return f"""CASE WHEN {behind} OR EXISTS (
+                SELECT 1 FROM {q}.outbox e WHERE e.trigger_id = {tid} AND e.order_key = {key})
+            THEN {WAITING} ELSE clock_timestamp() END"""
 
 
 def _trigger_columns() -> str:
@@ -124,7 +149,8 @@ def _coalesce(q: str, rows: str, key: str, *, trace: bool = False) -> str:
     added AS (
         INSERT INTO {q}.outbox (event_id, payload, depth, {m.SNAPSHOT}, {ORDER_COLUMNS}{trace_col})
         SELECT r.event_id, r.payload, r.depth, r.tid, r.scope, r.tname, r.ttarget,
-            r.tprincipal, {m.T_POLICY.replace("t.", "r.")}, r.{key}, r.seq, r.tblocks{trace_val}
+            r.tprincipal, {m.T_POLICY.replace("t.", "r.")}, r.{key}, r.seq, r.tblocks,
+            {_due(q, "r.tid", f"r.{key}")}{trace_val}
         FROM {rows} r
         WHERE (r.tid, r.{key}) NOT IN (SELECT upd.trigger_id, upd.order_key FROM upd)
         ON CONFLICT (event_id, trigger_id) DO NOTHING
@@ -218,7 +244,9 @@ BEGIN
             $7, m.tid, $2, m.tname, m.ttarget, m.tprincipal, {m.POLICY},
             CASE WHEN m.tordered THEN $4 END,
             CASE WHEN m.tordered THEN (SELECT kv.version FROM kv) END,
-            CASE WHEN m.tordered THEN m.tblocks END{trace_val}
+            CASE WHEN m.tordered THEN m.tblocks END,
+            CASE WHEN m.tordered THEN {_due(q, "m.tid", "$4")} ELSE clock_timestamp() END
+            {trace_val}
         FROM m WHERE (SELECT go.ok FROM go) AND NOT m.tlatest
         ORDER BY m.tid
         ON CONFLICT (event_id, trigger_id) DO NOTHING
@@ -284,6 +312,11 @@ def _emit_many(s: str, channel: str, *, trace: bool = False) -> str:
     trace_val = ", $12" if trace else ""
     trace_r = ", $12 AS traceparent" if trace else ""
     q = f'"{s}"'
+    # A later mutation of a key in this call waits behind the call's first one.
+    first_of_key = (
+        "row_number() OVER (PARTITION BY m.trigger_id, m.scope, m.mnamespace, m.mkey "
+        "ORDER BY s.seq) > 1"
+    )
     u = "u.event_id", "u.scope", "u.namespace", "u.key", "u.op", "u.value", "u.depth"
     event = f"{q}.condition_event(mu.op, mu.key, mu.value, mu.old, t.condition_changed)"
     many_match = m._match(
@@ -409,7 +442,9 @@ BEGIN
             m.depth, m.trigger_id, m.scope, m.trigger_name, m.target, m.registered_by,
             {m.POLICY},
             CASE WHEN m.ordered THEN m.mkey END, CASE WHEN m.ordered THEN s.seq END,
-            CASE WHEN m.ordered THEN m.blocks END{trace_val}
+            CASE WHEN m.ordered THEN m.blocks END,
+            CASE WHEN m.ordered THEN {_due(q, "m.trigger_id", "m.mkey", first_of_key)}
+                ELSE clock_timestamp() END{trace_val}
         FROM m LEFT JOIN seqs s ON s.ord = m.ord
         WHERE (SELECT go.ok FROM go) AND NOT m.latest
         ON CONFLICT (event_id, trigger_id) DO NOTHING
@@ -478,6 +513,78 @@ BEGIN
     END IF;
 END
 $emit_many$"""
+
+
+def _promotion(q: str, channel: str) -> list[str]:
+    """The functions of the two promotion triggers (see the module notes). Their statements
+    read fresh snapshots (each statement of a volatile PL/pgSQL function does, in READ
+    COMMITTED): they see what committed up to the moment they run."""
+    first_waiting = f"""
+        UPDATE {q}.outbox o SET due_at = clock_timestamp()
+        WHERE o.id = (SELECT n.id FROM {q}.outbox n
+                      WHERE n.trigger_id = OLD.trigger_id AND n.order_key = OLD.order_key
+                      ORDER BY n.key_seq LIMIT 1)
+            AND o.due_at = {WAITING} AND o.parked_at IS NULL
+            AND NOT EXISTS (SELECT 1 FROM {q}.blocked_keys b
+                            WHERE b.trigger_id = OLD.trigger_id
+                                AND b.order_key = OLD.order_key)
+        RETURNING o.id INTO promoted;"""
+    return [
+        f"""
+CREATE OR REPLACE FUNCTION {q}.key_left() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $left$
+DECLARE
+    promoted bigint;
+BEGIN
+    -- An ordered row left the outbox (done, dead-lettered, skipped), or a key's block was
+    -- lifted: the key's first row, if it waits, is due now. A trigger delivering every
+    -- state wakes the dispatchers for it; a latest-state one waits for the next poll.
+    {first_waiting}
+    IF promoted IS NOT NULL AND EXISTS (
+            SELECT 1 FROM {q}.triggers t WHERE t.id = OLD.trigger_id AND t.delivery = 'all')
+    THEN
+        PERFORM pg_notify('{channel}', '');
+    END IF;
+    RETURN NULL;
+END
+$left$""",
+        f"""
+CREATE OR REPLACE FUNCTION {q}.promote_waiting() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $promote$
+BEGIN
+    -- At the commit of a row written to wait: if no earlier row of its key is left, it is
+    -- due now. An earlier row a concurrent settlement is deleting is locked by it and
+    -- skipped (taken as gone); an earlier row this finds stays locked (KEY SHARE) until the
+    -- commit, so a settlement deleting it afterwards sees this row committed and promotes
+    -- it. Never waits.
+    PERFORM 1 FROM {q}.outbox e
+    WHERE e.trigger_id = NEW.trigger_id AND e.order_key = NEW.order_key
+        AND e.key_seq < NEW.key_seq
+    FOR KEY SHARE SKIP LOCKED;
+    IF NOT FOUND THEN
+        UPDATE {q}.outbox o SET due_at = clock_timestamp()
+        WHERE o.id = NEW.id AND o.due_at = {WAITING} AND o.parked_at IS NULL
+            AND NOT EXISTS (SELECT 1 FROM {q}.blocked_keys b
+                            WHERE b.trigger_id = NEW.trigger_id
+                                AND b.order_key = NEW.order_key);
+    END IF;
+    RETURN NULL;
+END
+$promote$""",
+        f"""CREATE TRIGGER outbox_key_left AFTER DELETE ON {q}.outbox
+        FOR EACH ROW WHEN (OLD.order_key IS NOT NULL)
+        EXECUTE FUNCTION {q}.key_left()""",
+        f"""CREATE TRIGGER blocked_keys_lifted AFTER DELETE ON {q}.blocked_keys
+        FOR EACH ROW EXECUTE FUNCTION {q}.key_left()""",
+        f"""CREATE CONSTRAINT TRIGGER outbox_promote_waiting AFTER INSERT ON {q}.outbox
+        DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+        WHEN (NEW.order_key IS NOT NULL AND NEW.due_at = {WAITING})
+        EXECUTE FUNCTION {q}.promote_waiting()""",
+        f"REVOKE ALL ON FUNCTION {q}.key_left() FROM PUBLIC",
+        f"REVOKE ALL ON FUNCTION {q}.promote_waiting() FROM PUBLIC",
+    ]
 
 
 def _functions(*, ordering: bool) -> None:
@@ -562,13 +669,20 @@ def upgrade() -> None:
     )
     op.create_index("blocked_keys_dead_letter_idx", "blocked_keys", ["dead_letter_id"], schema=s)
     op.create_index("blocked_keys_scope_idx", "blocked_keys", ["scope", "blocked_at"], schema=s)
+    for statement in _promotion(f'"{s}"', f"{s}_wake"):
+        op.execute(statement)
     _functions(ordering=True)
 
 
 def downgrade() -> None:
     s = _schema()
     _functions(ordering=False)
-    op.drop_table("blocked_keys", schema=s)
+    q = f'"{s}"'
+    op.execute(f"DROP TRIGGER outbox_promote_waiting ON {q}.outbox")
+    op.execute(f"DROP TRIGGER outbox_key_left ON {q}.outbox")
+    op.execute(f"DROP TABLE {q}.blocked_keys")  # its trigger with it
+    op.execute(f"DROP FUNCTION {q}.promote_waiting()")
+    op.execute(f"DROP FUNCTION {q}.key_left()")
     op.drop_table("key_versions", schema=s)
     op.drop_column("dead_letters", "key_seq", schema=s)
     op.drop_column("dead_letters", "order_key", schema=s)

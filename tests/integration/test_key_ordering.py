@@ -265,9 +265,16 @@ async def test_the_claim_takes_only_each_keys_head(conn: asyncpg.Connection) -> 
     tid = await trigger(conn, "ordered", ordering="key")
     await emit_many(conn, [put("orders/1", {"n": n}) for n in range(3)], autocommit=True)
     await emit(conn, put("orders/2", {"n": 0}), autocommit=True)
-    # Reverse the ids of orders/1's rows: id order is not the order.
+    # Versions 2 and 3 wait out of the claim's range until the head leaves.
+    waiting = await conn.fetch(
+        "SELECT key_seq FROM dispatcher.outbox WHERE due_at = 'infinity' ORDER BY key_seq"
+    )
+    assert [r["key_seq"] for r in waiting] == [2, 3]
+    # Make every row due (as a racing emit could) and reverse the ids of orders/1's rows:
+    # the claim's head test alone must keep the order, and ids are not it.
     await conn.execute(
-        "UPDATE dispatcher.outbox SET id = id + 1000 * (4 - key_seq) WHERE order_key = 'orders/1'"
+        "UPDATE dispatcher.outbox SET id = id + 1000 * (4 - key_seq), "
+        "due_at = clock_timestamp() - interval '1 s' WHERE order_key = 'orders/1'"
     )
     q = queries("dispatcher")
 
@@ -291,6 +298,66 @@ async def test_the_claim_takes_only_each_keys_head(conn: asyncpg.Connection) -> 
     assert await conn.fetchval("SELECT key_seq FROM dispatcher.outbox WHERE id = $1", second) == 2
     owner = await conn.fetchval("SELECT trigger_id FROM dispatcher.outbox WHERE id = $1", second)
     assert owner == tid
+
+
+async def test_a_stranded_waiting_row_is_promoted_by_the_sweep(
+    dsn: str, conn: asyncpg.Connection
+) -> None:
+    """A key whose first row waits with nothing before it (here put back to wait by hand,
+    as another client could leave it): the dispatcher's sweep makes it due, and the key
+    drains in order. Deleting the head by hand promotes the next row at once."""
+    await trigger(conn, "ordered", ordering="key")
+    await emit_many(conn, [put("orders/1", {"n": n}) for n in range(3)], autocommit=True)
+    await conn.execute("DELETE FROM dispatcher.outbox WHERE key_seq = 1")
+    due = await conn.fetch(
+        "SELECT key_seq FROM dispatcher.outbox WHERE due_at <> 'infinity' ORDER BY key_seq"
+    )
+    assert [r["key_seq"] for r in due] == [2]  # promoted by the delete's trigger
+    await conn.execute("UPDATE dispatcher.outbox SET due_at = 'infinity' WHERE key_seq = 2")
+    recorder = Recorder()
+    await Dispatcher(dsn, recorder.handlers, config=CONFIG).run_until_idle(
+        include_scheduled=True, time_limit=30
+    )
+    assert recorder.seqs("ordered") == {"orders/1": [2, 3]}
+
+
+async def waits(conn: asyncpg.Connection, seq: int) -> bool:
+    return bool(
+        await conn.fetchval(
+            "SELECT due_at = 'infinity' FROM dispatcher.outbox WHERE key_seq = $1", seq
+        )
+    )
+
+
+@pytest.mark.parametrize("head_gone", ["before the commit", "while it commits"])
+async def test_a_row_written_while_its_head_leaves_is_not_left_waiting(
+    dsn: str, conn: asyncpg.Connection, head_gone: str
+) -> None:
+    """The emitter of version 2 sees the head (version 1) and writes its row to wait; the
+    head is deleted (as its settlement would) by another transaction that cannot see that
+    row yet. Whether that deletion commits before the emitter's commit or is still open
+    then, version 2 is due once both committed."""
+    await trigger(conn, "ordered", ordering="key")
+    await emit(conn, put("orders/1", {"n": 1}), autocommit=True)
+    emitter = await asyncpg.connect(dsn)
+    settler = await asyncpg.connect(dsn)
+    try:
+        tx = emitter.transaction()
+        await tx.start()
+        await emit(emitter, put("orders/1", {"n": 2}))
+        settling = settler.transaction()
+        await settling.start()
+        await settler.execute("DELETE FROM dispatcher.outbox WHERE key_seq = 1")
+        if head_gone == "before the commit":
+            await settling.commit()
+            await tx.commit()
+        else:
+            await tx.commit()  # its check skips the head the open deletion holds
+            await settling.commit()
+    finally:
+        await emitter.close()
+        await settler.close()
+    assert not await waits(conn, 2)
 
 
 # --- dead heads: block and skip ---
