@@ -312,11 +312,6 @@ def _emit_many(s: str, channel: str, *, trace: bool = False) -> str:
     trace_val = ", $12" if trace else ""
     trace_r = ", $12 AS traceparent" if trace else ""
     q = f'"{s}"'
-    # A later mutation of a key in this call waits behind the call's first one.
-    first_of_key = (
-        "row_number() OVER (PARTITION BY m.trigger_id, m.scope, m.mnamespace, m.mkey "
-        "ORDER BY s.seq) > 1"
-    )
     u = "u.event_id", "u.scope", "u.namespace", "u.key", "u.op", "u.value", "u.depth"
     event = f"{q}.condition_event(mu.op, mu.key, mu.value, mu.old, t.condition_changed)"
     many_match = m._match(
@@ -431,7 +426,12 @@ BEGIN
         SELECT o.ord, kv.version
                 - count(*) OVER (PARTITION BY o.scope, o.mnamespace, o.mkey)
                 + row_number() OVER (PARTITION BY o.scope, o.mnamespace, o.mkey
-                                     ORDER BY o.ord) AS seq
+                                     ORDER BY o.ord) AS seq,
+            -- A later mutation of a key in this call waits behind the call's first one
+            -- (a row this leaves waiting with nothing before it for its trigger is made due
+            -- at commit by outbox_promote_waiting).
+            row_number() OVER (PARTITION BY o.scope, o.mnamespace, o.mkey ORDER BY o.ord) > 1
+                AS behind
         FROM ordered o
         JOIN kv ON kv.scope = o.scope AND kv.namespace = o.mnamespace AND kv.key = o.mkey
     ),
@@ -443,10 +443,12 @@ BEGIN
             {m.POLICY},
             CASE WHEN m.ordered THEN m.mkey END, CASE WHEN m.ordered THEN s.seq END,
             CASE WHEN m.ordered THEN m.blocks END,
-            CASE WHEN m.ordered THEN {_due(q, "m.trigger_id", "m.mkey", first_of_key)}
+            CASE WHEN m.ordered THEN {_due(q, "m.trigger_id", "m.mkey", "s.behind")}
                 ELSE clock_timestamp() END{trace_val}
         FROM m LEFT JOIN seqs s ON s.ord = m.ord
         WHERE (SELECT go.ok FROM go) AND NOT m.latest
+        -- Ids in call order, then trigger order, as before ordering existed.
+        ORDER BY m.ord, m.trigger_id
         ON CONFLICT (event_id, trigger_id) DO NOTHING
         RETURNING id, event_id, trigger_id
     ),

@@ -17,6 +17,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -66,7 +67,9 @@ async def _execute(dsn: str, sql: str) -> None:
 @pytest.fixture
 def db(postgres: ProvidedPostgres, template_dsn: str) -> Iterator[str]:
     """A fresh, migrated database for this test only (as ``tests/conftest.py``'s ``dsn``)."""
-    template = template_dsn.rsplit("/", 1)[1].split("?")[0]
+    # The database name is the URL's path; the embedded server's URLs carry a socket
+    # directory in their query, which may hold slashes.
+    template = urlsplit(template_dsn).path.lstrip("/")
     name = f"dispatcher_b_{uuid.uuid4().hex[:12]}"
     in_loop(_execute, postgres.dsn, f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
     yield with_database(postgres.dsn, name)
