@@ -187,6 +187,7 @@ def _emit(s: str, channel: str, *, trace: bool = False) -> str:
         f"(SELECT {m._payload('$1', '$2', '$3', '$4', '$5', '$6', '$7', '$8', '$11')})",
         "t.fields",
     )
+    ordered_payload = latest_payload.replace("t.fields", "t.tfields")
     return f"""
 CREATE OR REPLACE FUNCTION {q}.emit(
     event_id uuid, scope text, namespace text, key text, op text, value jsonb,
@@ -203,11 +204,17 @@ DECLARE
     cap_max bigint;
     cap_pending bigint;
     cap_stale boolean;
+    ordered bigint[];
     latest bigint[];
     seq bigint;
-    more_ids bigint[];
-    more_triggers bigint[];
+    more_ids bigint[] := '{{}}';
+    more_triggers bigint[] := '{{}}';
+    latest_ids bigint[];
+    latest_triggers bigint[];
+    added bigint := 0;
 BEGIN
+    -- Matching, the checks and the unordered rows: one statement, as before ordering
+    -- existed (an unordered trigger pays nothing for it).
     WITH chk AS MATERIALIZED (
         SELECT {problem} AS problem
     ),
@@ -222,32 +229,14 @@ BEGIN
             AND {m._match(q, "$2", "$3", "$4", "$5", m._prefixes("$4"), event)}
         LIMIT least(greatest($9, 0), {m.MAX_FANOUT}) + 1
     ),
-    go AS MATERIALIZED (
-        SELECT (SELECT count(*) FROM m) <= $9
-            AND NOT EXISTS (SELECT FROM cap
-                WHERE cap.pending + (SELECT count(*) FROM m) > cap.max_pending) AS ok
-    ),
-    -- The key's next version, locked until this transaction ends (see the module notes).
-    kv AS (
-        INSERT INTO {q}.key_versions AS k (scope, namespace, key, version)
-        SELECT $2, $3, $4, 1
-        WHERE (SELECT go.ok FROM go) AND EXISTS (SELECT FROM m WHERE m.tordered)
-        ON CONFLICT (scope, namespace, key) DO UPDATE
-            SET version = k.version + 1, updated_at = clock_timestamp()
-        RETURNING k.version
-    ),
     ins AS (
-        INSERT INTO {q}.outbox (event_id, payload, depth, {m.SNAPSHOT}, {ORDER_COLUMNS}{trace_col})
-        SELECT $1,
-            CASE WHEN m.tordered THEN {_with_seq(payload, "(SELECT kv.version FROM kv)")}
-                ELSE {payload} END,
-            $7, m.tid, $2, m.tname, m.ttarget, m.tprincipal, {m.POLICY},
-            CASE WHEN m.tordered THEN $4 END,
-            CASE WHEN m.tordered THEN (SELECT kv.version FROM kv) END,
-            CASE WHEN m.tordered THEN m.tblocks END,
-            CASE WHEN m.tordered THEN {_due(q, "m.tid", "$4")} ELSE clock_timestamp() END
-            {trace_val}
-        FROM m WHERE (SELECT go.ok FROM go) AND NOT m.tlatest
+        INSERT INTO {q}.outbox (event_id, payload, depth, {m.SNAPSHOT}{trace_col})
+        SELECT $1, {payload},
+            $7, m.tid, $2, m.tname, m.ttarget, m.tprincipal, {m.POLICY}{trace_val}
+        FROM m WHERE (SELECT count(*) FROM m) <= $9
+            AND NOT EXISTS (SELECT FROM cap
+                WHERE cap.pending + (SELECT count(*) FROM m) > cap.max_pending)
+            AND NOT m.tordered
         ORDER BY m.tid
         ON CONFLICT (event_id, trigger_id) DO NOTHING
         RETURNING id, trigger_id
@@ -262,16 +251,46 @@ BEGIN
             SELECT pg_notify('{channel}', '') FROM ins WHERE $10 LIMIT 1) AS w),
         (SELECT cap.max_pending FROM cap), (SELECT cap.pending FROM cap),
         (SELECT cap.stale FROM cap),
-        ARRAY(SELECT m.tid FROM m WHERE m.tlatest AND (SELECT go.ok FROM go) ORDER BY m.tid),
-        (SELECT kv.version FROM kv)
+        ARRAY(SELECT m.tid FROM m WHERE m.tordered)
     INTO problem, matched, outbox_ids, trigger_ids, notified, cap_max, cap_pending, cap_stale,
-        latest, seq;
+        ordered;
     IF problem IS NOT NULL THEN
         {m._refuse(f"{s}.emit", "problem")}
     END IF;
     IF cap_max IS NOT NULL AND matched <= $9 AND matched > 0
         AND cap_pending + matched > cap_max THEN
         {full}
+    END IF;
+    -- (A call over the fan-out cap writes nothing; one over a backlog cap raised above.)
+    IF cardinality(ordered) > 0 AND matched <= $9 THEN
+        -- Ordered triggers matched: the key's next version, locked until this transaction
+        -- ends (see the module notes), and their rows.
+        WITH kv AS (
+            INSERT INTO {q}.key_versions AS k (scope, namespace, key, version)
+            VALUES ($2, $3, $4, 1)
+            ON CONFLICT (scope, namespace, key) DO UPDATE
+                SET version = k.version + 1, updated_at = clock_timestamp()
+            RETURNING k.version
+        ),
+        t AS MATERIALIZED (
+            SELECT {_trigger_columns()} FROM {q}.triggers t WHERE t.id = ANY (ordered)
+        ),
+        ins AS (
+            INSERT INTO {q}.outbox (event_id, payload, depth, {m.SNAPSHOT}, {ORDER_COLUMNS}
+                {trace_col})
+            SELECT $1, {_with_seq(ordered_payload, "kv.version")},
+                $7, t.tid, $2, t.tname, t.ttarget, t.tprincipal, {m.POLICY},
+                $4, kv.version, t.tblocks, {_due(q, "t.tid", "$4")}{trace_val}
+            FROM t, kv WHERE NOT t.tlatest
+            ORDER BY t.tid
+            ON CONFLICT (event_id, trigger_id) DO NOTHING
+            RETURNING id, trigger_id
+        )
+        SELECT ARRAY(SELECT ins.id FROM ins), ARRAY(SELECT ins.trigger_id FROM ins),
+            (SELECT kv.version FROM kv),
+            ARRAY(SELECT t.tid FROM t WHERE t.tlatest ORDER BY t.tid)
+        INTO more_ids, more_triggers, seq, latest;
+        added := cardinality(more_ids);
     END IF;
     IF cardinality(latest) > 0 THEN
         -- Latest-state triggers, in a statement of its own: it reads the outbox after the
@@ -285,13 +304,20 @@ BEGIN
                                 WHERE x.event_id = $1 AND x.trigger_id = t.id)
         ),{_coalesce(q, "r", "order_key", trace=trace)}
         SELECT ARRAY(SELECT done.id FROM done), ARRAY(SELECT done.trigger_id FROM done),
-            (SELECT count(*) FROM (
-                SELECT pg_notify('{channel}', '') FROM added WHERE $10 LIMIT 1) AS w)
-        INTO more_ids, more_triggers, notified;
+            added + (SELECT count(*) FROM added)
+        INTO latest_ids, latest_triggers, added;
+        more_ids := more_ids || latest_ids;
+        more_triggers := more_triggers || latest_triggers;
+    END IF;
+    IF cardinality(more_ids) > 0 THEN
         SELECT coalesce(array_agg(u.i ORDER BY u.i), '{{}}'),
             coalesce(array_agg(u.t ORDER BY u.i), '{{}}')
         INTO outbox_ids, trigger_ids
         FROM unnest(outbox_ids || more_ids, trigger_ids || more_triggers) AS u(i, t);
+        -- A hint for rows added, not for a pending row replaced in place.
+        IF $10 AND notified = 0 AND added > 0 THEN
+            PERFORM pg_notify('{channel}', '');
+        END IF;
     END IF;
     IF cap_stale AND cardinality(outbox_ids) > 0 THEN
         {m._recount(q, "ARRAY[$2]")}
@@ -322,6 +348,7 @@ def _emit_many(s: str, channel: str, *, trace: bool = False) -> str:
         f"{s}.emit_many", "refused_scope", "refused_max", "refused_pending", "refused_adding"
     )
     shaped = m._shaped(q, "mu.payload", "t.fields")
+    ordered_shaped = m._shaped(q, "mu.payload", "t.tfields")
     return f"""
 CREATE OR REPLACE FUNCTION {q}.emit_many(
     event_id uuid[], scope text[], namespace text[], key text[], op text[], value jsonb[],
@@ -341,6 +368,8 @@ DECLARE
     refused_pending bigint;
     refused_adding bigint;
     stale_scopes text[];
+    ordered_triggers bigint[];
+    ordered_ords bigint[];
     latest_triggers bigint[];
     latest_ords bigint[];
     latest_seqs bigint[];
@@ -406,59 +435,14 @@ BEGIN
     go AS MATERIALIZED (
         SELECT NOT EXISTS (SELECT FROM over) AND NOT EXISTS (SELECT FROM full_scope) AS ok
     ),
-    -- The mutations with an ordered match, and their keys' next versions: each key's row is
-    -- locked once, in key order (so two calls lock their common keys in the same order), and
-    -- a key mutated n times in the call takes n versions, in call order.
-    ordered AS MATERIALIZED (
-        SELECT DISTINCT m.ord, m.scope, m.mnamespace, m.mkey FROM m
-        WHERE m.ordered AND (SELECT go.ok FROM go)
-    ),
-    kv AS (
-        INSERT INTO {q}.key_versions AS k (scope, namespace, key, version)
-        SELECT o.scope, o.mnamespace, o.mkey, count(*) FROM ordered o
-        GROUP BY o.scope, o.mnamespace, o.mkey
-        ORDER BY o.scope, o.mnamespace, o.mkey
-        ON CONFLICT (scope, namespace, key) DO UPDATE
-            SET version = k.version + excluded.version, updated_at = clock_timestamp()
-        RETURNING k.scope, k.namespace, k.key, k.version
-    ),
-    seqs AS MATERIALIZED (
-        SELECT o.ord, kv.version
-                - count(*) OVER (PARTITION BY o.scope, o.mnamespace, o.mkey)
-                + row_number() OVER (PARTITION BY o.scope, o.mnamespace, o.mkey
-                                     ORDER BY o.ord) AS seq,
-            -- A later mutation of a key in this call waits behind the call's first one
-            -- (a row this leaves waiting with nothing before it for its trigger is made due
-            -- at commit by outbox_promote_waiting).
-            row_number() OVER (PARTITION BY o.scope, o.mnamespace, o.mkey ORDER BY o.ord) > 1
-                AS behind
-        FROM ordered o
-        JOIN kv ON kv.scope = o.scope AND kv.namespace = o.mnamespace AND kv.key = o.mkey
-    ),
     ins AS (
-        INSERT INTO {q}.outbox (event_id, payload, depth, {m.SNAPSHOT}, {ORDER_COLUMNS}{trace_col})
-        SELECT m.event_id,
-            CASE WHEN m.ordered THEN {_with_seq("m.payload", "s.seq")} ELSE m.payload END,
-            m.depth, m.trigger_id, m.scope, m.trigger_name, m.target, m.registered_by,
-            {m.POLICY},
-            CASE WHEN m.ordered THEN m.mkey END, CASE WHEN m.ordered THEN s.seq END,
-            CASE WHEN m.ordered THEN m.blocks END,
-            CASE WHEN m.ordered THEN {_due(q, "m.trigger_id", "m.mkey", "s.behind")}
-                ELSE clock_timestamp() END{trace_val}
-        FROM m LEFT JOIN seqs s ON s.ord = m.ord
-        WHERE (SELECT go.ok FROM go) AND NOT m.latest
-        -- Ids in call order, then trigger order, as before ordering existed.
+        INSERT INTO {q}.outbox (event_id, payload, depth, {m.SNAPSHOT}{trace_col})
+        SELECT m.event_id, m.payload, m.depth, m.trigger_id, m.scope, m.trigger_name,
+            m.target, m.registered_by, {m.POLICY}{trace_val}
+        FROM m WHERE (SELECT go.ok FROM go) AND NOT m.ordered
         ORDER BY m.ord, m.trigger_id
         ON CONFLICT (event_id, trigger_id) DO NOTHING
         RETURNING id, event_id, trigger_id
-    ),
-    -- Latest-state triggers: of a key mutated several times in the call, the last mutation.
-    latest AS (
-        SELECT DISTINCT ON (m.trigger_id, m.scope, m.mnamespace, m.mkey)
-            m.trigger_id, m.ord, s.seq
-        FROM m JOIN seqs s ON s.ord = m.ord
-        WHERE m.latest AND (SELECT go.ok FROM go)
-        ORDER BY m.trigger_id, m.scope, m.mnamespace, m.mkey, m.ord DESC
     )
     SELECT (SELECT over.ord FROM over), (SELECT over.n FROM over), (SELECT count(*) FROM m),
         (SELECT coalesce(array_agg(ins.id ORDER BY ins.id), '{{}}') FROM ins),
@@ -467,14 +451,84 @@ BEGIN
         (SELECT full_scope.scope FROM full_scope), (SELECT full_scope.max_pending FROM full_scope),
         (SELECT full_scope.pending FROM full_scope), (SELECT full_scope.n FROM full_scope),
         ARRAY(SELECT caps.scope FROM caps WHERE caps.stale),
-        ARRAY(SELECT latest.trigger_id FROM latest ORDER BY latest.ord, latest.trigger_id),
-        ARRAY(SELECT latest.ord FROM latest ORDER BY latest.ord, latest.trigger_id),
-        ARRAY(SELECT latest.seq FROM latest ORDER BY latest.ord, latest.trigger_id)
+        ARRAY(SELECT m.trigger_id FROM m WHERE m.ordered AND (SELECT go.ok FROM go)
+              ORDER BY m.ord, m.trigger_id),
+        ARRAY(SELECT m.ord FROM m WHERE m.ordered AND (SELECT go.ok FROM go)
+              ORDER BY m.ord, m.trigger_id)
     INTO over_ordinal, over_matched, matched, outbox_ids, event_ids, trigger_ids,
         refused_scope, refused_max, refused_pending, refused_adding, stale_scopes,
-        latest_triggers, latest_ords, latest_seqs;
+        ordered_triggers, ordered_ords;
     IF over_ordinal IS NULL AND refused_scope IS NOT NULL THEN
         {full}
+    END IF;
+    IF cardinality(ordered_triggers) > 0 THEN
+        -- Ordered triggers matched: their keys' next versions, each key's row locked once,
+        -- in key order (so two calls lock their common keys in the same order), a key
+        -- mutated n times in the call taking n versions in call order; then their rows.
+        WITH w AS (
+            SELECT * FROM unnest(ordered_triggers, ordered_ords) AS w(tid, ord)
+        ),
+        mu AS MATERIALIZED (
+            SELECT u.ord, u.event_id, u.scope, u.namespace, u.key, u.depth,
+                {m._payload(*u, "u.root", "u.old")} AS payload
+            FROM unnest($1, $2, $3, $4, $5, $6, $7, $8, $11)
+                WITH ORDINALITY AS u({bulk_columns})
+            WHERE u.ord IN (SELECT w.ord FROM w)
+        ),
+        kv AS (
+            INSERT INTO {q}.key_versions AS k (scope, namespace, key, version)
+            SELECT mu.scope, mu.namespace, mu.key, count(*) FROM mu
+            GROUP BY mu.scope, mu.namespace, mu.key
+            ORDER BY mu.scope, mu.namespace, mu.key
+            ON CONFLICT (scope, namespace, key) DO UPDATE
+                SET version = k.version + excluded.version, updated_at = clock_timestamp()
+            RETURNING k.scope, k.namespace, k.key, k.version
+        ),
+        seqs AS MATERIALIZED (
+            SELECT mu.ord, kv.version
+                    - count(*) OVER (PARTITION BY mu.scope, mu.namespace, mu.key)
+                    + row_number() OVER (PARTITION BY mu.scope, mu.namespace, mu.key
+                                         ORDER BY mu.ord) AS seq,
+                -- A later mutation of a key in this call waits behind the call's first one
+                -- (a row this leaves waiting with nothing before it for its trigger is made
+                -- due at commit by outbox_promote_waiting).
+                row_number() OVER (PARTITION BY mu.scope, mu.namespace, mu.key
+                                   ORDER BY mu.ord) > 1 AS behind
+            FROM mu
+            JOIN kv ON kv.scope = mu.scope AND kv.namespace = mu.namespace AND kv.key = mu.key
+        ),
+        t AS MATERIALIZED (
+            SELECT w.ord, {_trigger_columns()}, t.scope AS tscope
+            FROM w JOIN {q}.triggers t ON t.id = w.tid
+        ),
+        ins AS (
+            INSERT INTO {q}.outbox (event_id, payload, depth, {m.SNAPSHOT}, {ORDER_COLUMNS}
+                {trace_col})
+            SELECT mu.event_id, {_with_seq(ordered_shaped, "s.seq")}, mu.depth, t.tid,
+                t.tscope, t.tname, t.ttarget, t.tprincipal, {m.POLICY}, mu.key, s.seq,
+                t.tblocks, {_due(q, "t.tid", "mu.key", "s.behind")}{trace_val}
+            FROM t JOIN mu ON mu.ord = t.ord JOIN seqs s ON s.ord = t.ord
+            WHERE NOT t.tlatest
+            ORDER BY t.ord, t.tid
+            ON CONFLICT (event_id, trigger_id) DO NOTHING
+            RETURNING id, event_id, trigger_id
+        ),
+        -- Latest-state triggers: of a key mutated several times in the call, the last one.
+        latest AS (
+            SELECT DISTINCT ON (t.tid, mu.scope, mu.namespace, mu.key) t.tid, t.ord, s.seq
+            FROM t JOIN mu ON mu.ord = t.ord JOIN seqs s ON s.ord = t.ord
+            WHERE t.tlatest
+            ORDER BY t.tid, mu.scope, mu.namespace, mu.key, t.ord DESC
+        )
+        SELECT ARRAY(SELECT ins.id FROM ins), ARRAY(SELECT ins.event_id FROM ins),
+            ARRAY(SELECT ins.trigger_id FROM ins),
+            ARRAY(SELECT latest.tid FROM latest ORDER BY latest.ord, latest.tid),
+            ARRAY(SELECT latest.ord FROM latest ORDER BY latest.ord, latest.tid),
+            ARRAY(SELECT latest.seq FROM latest ORDER BY latest.ord, latest.tid)
+        INTO more_ids, more_events, more_triggers, latest_triggers, latest_ords, latest_seqs;
+        outbox_ids := outbox_ids || more_ids;
+        event_ids := event_ids || more_events;
+        trigger_ids := trigger_ids || more_triggers;
     END IF;
     IF cardinality(latest_triggers) > 0 THEN
         -- Latest-state triggers, in a statement of its own: it reads the outbox after the
@@ -500,12 +554,17 @@ BEGIN
             ARRAY(SELECT done.trigger_id FROM done),
             (SELECT count(*) FROM added)
         INTO more_ids, more_events, more_triggers, notified;
+        outbox_ids := outbox_ids || more_ids;
+        event_ids := event_ids || more_events;
+        trigger_ids := trigger_ids || more_triggers;
+    END IF;
+    IF cardinality(ordered_triggers) > 0 THEN
+        -- Every row of the call, by id, as the unordered ones alone come.
         SELECT coalesce(array_agg(u.i ORDER BY u.i), '{{}}'),
             coalesce(array_agg(u.e ORDER BY u.i), '{{}}'),
             coalesce(array_agg(u.t ORDER BY u.i), '{{}}')
         INTO outbox_ids, event_ids, trigger_ids
-        FROM unnest(outbox_ids || more_ids, event_ids || more_events,
-            trigger_ids || more_triggers) AS u(i, e, t);
+        FROM unnest(outbox_ids, event_ids, trigger_ids) AS u(i, e, t);
     END IF;
     IF cardinality(stale_scopes) > 0 AND cardinality(outbox_ids) > 0 THEN
         {m._recount(q, "stale_scopes")}
