@@ -5,7 +5,7 @@
 
 Postgres: ``--dsn URL`` or ``$DATABASE_URL`` (the demo's database). The script adds a scope
 ``shop`` (two triggers, a few open dead letters written as the dispatcher writes them, queued
-rows, a pause, an open breaker) once, serves the console on a free loopback port, and drives
+rows, a pause, an open breaker, an ordered trigger with a blocked key) once, serves the console on a free loopback port, and drives
 Debian's ``chromium`` (``--chromium PATH`` for another) through the pages, replaying one dead
 letter through its preview so that the audit page has a row.
 """
@@ -114,6 +114,7 @@ async def seed(dsn: str) -> None:
             for n in range(40)
         ]
         await Emitter().emit_many(conn, mutations, autocommit=True)
+        await _blocked_key(conn, registry)
         await FlowControl().pause(conn, scope="demo", note="investigating billing errors")
         await conn.execute(
             """INSERT INTO dispatcher.breakers (trigger_id, state, failures, open_until,
@@ -124,6 +125,57 @@ async def seed(dsn: str) -> None:
         )
     finally:
         await conn.close()
+
+
+async def _blocked_key(conn: asyncpg.Connection, registry: TriggerRegistry) -> None:
+    """An ordered trigger whose head for customers/77 dead-lettered and blocks the key, two
+    rows waiting behind it: written as the dispatcher writes them (the block before the
+    head leaves the outbox, so nothing behind it is made due)."""
+    sync = await registry.register(
+        conn,
+        scope="shop",
+        name="crm-sync",
+        namespace="customers",
+        key_pattern="customers/*",
+        target="crm.sync",
+        registered_by="user:billing-bot",
+        ordering="key",
+    )
+    mutations = [
+        Mutation("shop", "customers", "customers/77", Op.PUT, {"tier": tier})
+        for tier in ("silver", "gold", "platinum")
+    ]
+    await Emitter().emit_many(conn, mutations, autocommit=True)
+    async with conn.transaction():
+        head = await conn.fetchrow(
+            "SELECT id, event_id, payload FROM dispatcher.outbox "
+            "WHERE trigger_id = $1 AND key_seq = 1",
+            sync.id,
+        )
+        errors = [{"attempt": 1, "kind": "permanent", "message": "unknown customer 77"}]
+        letter = await conn.fetchval(
+            """
+            INSERT INTO dispatcher.dead_letters (outbox_id, event_id, trigger_id, scope,
+                trigger_name, target, registered_by, payload, policy, depth, attempts,
+                reason, errors, event_created_at, order_key, key_seq)
+            VALUES ($1, $2, $3, 'shop', 'crm-sync', 'crm.sync', 'user:billing-bot', $4::jsonb,
+                $5::jsonb, 0, 1, 'permanent', $6::jsonb, clock_timestamp(), 'customers/77', 1)
+            RETURNING id""",
+            head["id"],
+            head["event_id"],
+            sync.id,
+            head["payload"],
+            json.dumps(POLICY),
+            json.dumps(errors),
+        )
+        await conn.execute(
+            """INSERT INTO dispatcher.blocked_keys (trigger_id, order_key, scope, trigger_name,
+                dead_letter_id, key_seq)
+            VALUES ($1, 'customers/77', 'shop', 'crm-sync', $2, 1)""",
+            sync.id,
+            letter,
+        )
+        await conn.execute("DELETE FROM dispatcher.outbox WHERE id = $1", head["id"])
 
 
 def main() -> None:
