@@ -5,9 +5,10 @@
 
 Postgres: ``--dsn URL`` or ``$DATABASE_URL`` (the demo's database). The script adds a scope
 ``shop`` (two triggers, a few open dead letters written as the dispatcher writes them, queued
-rows, a pause, an open breaker, an ordered trigger with a blocked key) once, serves the console on a free loopback port, and drives
-Debian's ``chromium`` (``--chromium PATH`` for another) through the pages, replaying one dead
-letter through its preview so that the audit page has a row.
+rows, a pause, an open breaker, an ordered trigger with a blocked key) once, serves the
+console on a free loopback port, and drives Debian's ``chromium`` (``--chromium PATH`` for
+another) through the pages, replaying one dead letter through its preview so that the audit
+page has a row.
 """
 
 from __future__ import annotations
