@@ -360,6 +360,13 @@ async def test_a_breaker_closed_by_a_success_releases_the_rows_it_held(chaos: Ha
         return await chaos.ledger_count("key = 'slow' AND outcome = 'success'") == 1
 
     await wait_until(slow_done, within=30, what="the slow row to succeed")
+
+    async def slow_settled() -> bool:
+        # The handler's ledger entry is written before its success is settled (and the
+        # breaker closed) in a batch of its own: wait for the row to leave the outbox.
+        return await chaos.outbox_count("payload ->> 'key' = 'slow'") == 0
+
+    await wait_until(slow_settled, within=10, what="the slow row's success to be settled")
     state = await chaos.fetch("SELECT state, opened_count FROM dispatcher.breakers")
     assert [(r["state"], r["opened_count"]) for r in state] == [("closed", 1)]
 
