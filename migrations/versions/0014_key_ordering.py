@@ -91,6 +91,16 @@ def _pieces() -> ModuleType:
 # waits at 'infinity', out of the claim's index range, until the head leaves).
 ORDER_COLUMNS = "order_key, key_seq, blocks_key, due_at"
 WAITING = "'infinity'::timestamptz"
+# The longest scope, namespace and key an ordered trigger takes together, in UTF-8 bytes: the
+# key goes into btree indexes (key_versions, the outbox's order index, blocked_keys), whose
+# entries Postgres caps at 2,704 bytes. A key of 1,024 characters may take 4,096.
+MAX_ORDERED_KEY_BYTES = 2600
+KEY_BYTES = "(octet_length($2) + octet_length($3) + octet_length($4))"
+BAD_ORDINAL = "'mutation ' || bad.ord || ' of ' || total || ', ' || "
+TOO_LONG = (
+    f"'an ordered trigger''s key, with its scope and namespace, must be at most "
+    f"{MAX_ORDERED_KEY_BYTES} bytes (UTF-8); this one is ' || "
+)
 
 
 def _due(q: str, tid: str, key: str, behind: str = "false") -> str:
@@ -262,6 +272,11 @@ BEGIN
         {full}
     END IF;
     -- (A call over the fan-out cap writes nothing; one over a backlog cap raised above.)
+    IF cardinality(ordered) > 0 AND matched <= $9
+        AND octet_length($2) + octet_length($3) + octet_length($4) > {MAX_ORDERED_KEY_BYTES}
+    THEN
+        {m._refuse(f"{s}.emit", TOO_LONG + KEY_BYTES)}
+    END IF;
     IF cardinality(ordered) > 0 AND matched <= $9 THEN
         -- Ordered triggers matched: the key's next version, locked until this transaction
         -- ends (see the module notes), and their rows.
@@ -460,6 +475,18 @@ BEGIN
         ordered_triggers, ordered_ords;
     IF over_ordinal IS NULL AND refused_scope IS NOT NULL THEN
         {full}
+    END IF;
+    IF cardinality(ordered_triggers) > 0 THEN
+        SELECT u.ord, octet_length(u.s) + octet_length(u.n) + octet_length(u.k) AS size
+        INTO bad
+        FROM unnest($2, $3, $4) WITH ORDINALITY AS u(s, n, k, ord)
+        WHERE u.ord = ANY (ordered_ords)
+            AND octet_length(u.s) + octet_length(u.n) + octet_length(u.k)
+                > {MAX_ORDERED_KEY_BYTES}
+        ORDER BY u.ord LIMIT 1;
+        IF FOUND THEN
+            {m._refuse(f"{s}.emit_many", BAD_ORDINAL + TOO_LONG + "bad.size")}
+        END IF;
     END IF;
     IF cardinality(ordered_triggers) > 0 THEN
         -- Ordered triggers matched: their keys' next versions, each key's row locked once,

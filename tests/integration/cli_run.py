@@ -6,6 +6,9 @@ Shared by test_cli.py and test_cli_flow.py.
 from __future__ import annotations
 
 import json
+import os
+import sys
+from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
@@ -50,3 +53,32 @@ def assert_error(result: Result, *, code: int = 1, contains: str = "") -> str:
     assert lines[-1].startswith("Error: "), err
     assert contains in lines[-1], err
     return lines[-1]
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_process(dsn: str, *args: str) -> list[str]:
+    """``dispatcher run`` as a process of its own (``--log-level INFO``), with the handlers
+    the compose file runs; ``args`` are more options of ``run``."""
+    return [
+        sys.executable,
+        "-m",
+        "dispatcher.cli",
+        "--log-level",
+        "INFO",
+        "run",
+        "--dsn",
+        dsn,
+        "--handlers",
+        "examples.compose_handlers:handlers",
+        *args,
+    ]
+
+
+def process_env() -> dict[str, str]:
+    """This environment without the test runner's database or dispatcher settings, with the
+    repository importable (``examples`` lives there)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "DISPATCH"))}
+    env["PYTHONPATH"] = str(REPO)
+    return env

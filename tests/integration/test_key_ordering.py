@@ -191,6 +191,30 @@ async def test_a_mutation_of_an_unordered_key_takes_no_version(conn: asyncpg.Con
     assert await conn.fetchval("SELECT count(*) FROM dispatcher.key_versions") == 0
 
 
+async def test_a_key_too_long_for_the_order_indexes_is_refused_clearly(
+    conn: asyncpg.Connection,
+) -> None:
+    """A key of 1,024 four-byte characters (4,096 bytes; 4,106 with "acme" and "orders") is
+    a valid key, and an unordered trigger takes it; an ordered one needs it in btree
+    indexes, which cap entries at 2,704 bytes: the emit is refused with what is wrong, not
+    Postgres's index error, and nothing is written."""
+    await trigger(conn, "plain", key_pattern="*")
+    wide = "\U0001f600" * 1024
+    await emit(conn, put(wide, {}), autocommit=True)
+    assert await conn.fetchval("SELECT count(*) FROM dispatcher.outbox") == 1
+    await trigger(conn, "ordered", ordering="key", key_pattern="*")
+    for call in (emit, emit_many):
+        arg: Any = put(wide, {}) if call is emit else [put("orders/1", {}), put(wide, {})]
+        with pytest.raises(asyncpg.InvalidParameterValueError) as caught:
+            await call(conn, arg, autocommit=True)
+        message = str(caught.value)
+        assert "must be at most 2600 bytes (UTF-8); this one is 4106" in message, message
+        if call is emit_many:
+            assert "mutation 2 of 2" in message
+    assert await conn.fetchval("SELECT count(*) FROM dispatcher.outbox") == 1
+    assert await conn.fetchval("SELECT count(*) FROM dispatcher.key_versions") == 0
+
+
 async def backend_waits_on_a_lock(conn: asyncpg.Connection, pid: int) -> None:
     with anyio.fail_after(10):
         while not await conn.fetchval(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.metadata
-import os
 import platform
 import signal
 import socket
@@ -15,12 +14,12 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import anyio
 import anyio.to_thread
 import asyncpg
 import pytest
+from cli_run import REPO, process_env, run_process
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -45,7 +44,6 @@ from dispatcher.metrics import (
 )
 from dispatcher.testing import RecordingHandlers, instant_retries
 
-REPO = Path(__file__).resolve().parents[2]
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
@@ -368,34 +366,12 @@ async def ready_body(url: str) -> str:
             await anyio.sleep(0.05)
 
 
-def _cli(dsn: str, *args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "dispatcher.cli",
-        "--log-level",
-        "INFO",
-        "run",
-        "--dsn",
-        dsn,
-        "--handlers",
-        "examples.compose_handlers:handlers",
-        *args,
-    ]
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "DISPATCH"))}
-    env["PYTHONPATH"] = str(REPO)
-    return env
-
-
 @pytest.mark.anyio
 async def test_cli_run_serves_metrics_and_stops_on_sigterm(dsn: str) -> None:
-    command = _cli(dsn, "--concurrency", "7", "--metrics-port", "0")
+    command = run_process(dsn, "--concurrency", "7", "--metrics-port", "0")
     with anyio.fail_after(60):
         async with await anyio.open_process(
-            command, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL
+            command, cwd=REPO, env=process_env(), stdout=subprocess.DEVNULL
         ) as process:
             assert process.stderr is not None
             err = b""
@@ -429,9 +405,9 @@ async def test_cli_run_with_a_taken_metrics_port_fails_in_one_line(dsn: str) -> 
         port = str(taken.getsockname()[1])
         result = await anyio.to_thread.run_sync(
             lambda: subprocess.run(
-                _cli(dsn, "--metrics-port", port),
+                run_process(dsn, "--metrics-port", port),
                 cwd=REPO,
-                env=_env(),
+                env=process_env(),
                 capture_output=True,
                 text=True,
                 timeout=60,

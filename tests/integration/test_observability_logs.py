@@ -5,45 +5,17 @@ text, with its fields as key=value)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import anyio
 import asyncpg
 import pytest
+from cli_run import REPO, process_env, run_process
 
 from dispatcher import Mutation, Op, TriggerRegistry, emit
 from dispatcher.testing import instant_retries
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def command(dsn: str, *args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "dispatcher.cli",
-        "--log-level",
-        "INFO",
-        "run",
-        "--dsn",
-        dsn,
-        "--handlers",
-        "examples.compose_handlers:handlers",
-        "--poll-interval",
-        "0.05",
-        *args,
-    ]
-
-
-def environment() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "DISPATCH"))}
-    env["PYTHONPATH"] = str(REPO)
-    return env
 
 
 async def broken_trigger(conn: asyncpg.Connection) -> None:
@@ -66,7 +38,10 @@ async def run_until(dsn: str, args: tuple[str, ...], marker: bytes) -> tuple[int
     status and whole stderr."""
     with anyio.fail_after(60):
         async with await anyio.open_process(
-            command(dsn, *args), cwd=REPO, env=environment(), stdout=subprocess.DEVNULL
+            run_process(dsn, "--poll-interval", "0.05", *args),
+            cwd=REPO,
+            env=process_env(),
+            stdout=subprocess.DEVNULL,
         ) as process:
             assert process.stderr is not None
             err = b""
