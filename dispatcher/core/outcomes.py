@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TypeAlias
+from typing import NamedTuple, TypeAlias
 
 from dispatcher.core.models import JsonValue, RetryPolicy
 
@@ -85,9 +85,11 @@ class ErrorRecord:
     message: str
 
 
-@dataclass(frozen=True, slots=True)
-class ClaimedRow:
-    """An outbox row as the claim returned it: everything routing and execution need."""
+class ClaimedRow(NamedTuple):
+    """An outbox row as the claim returned it: everything routing and execution need.
+
+    A named tuple, not a dataclass: one is built for every claimed row, and a tuple is built
+    in a fraction of a frozen dataclass's time (:func:`dispatcher.records.claimed_row`)."""
 
     id: int
     lease_token: uuid.UUID

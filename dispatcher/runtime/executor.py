@@ -6,12 +6,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import replace
+from types import MappingProxyType
+from typing import cast
 
 import anyio
 
 from dispatcher import tracing
 from dispatcher.core.breakers import LocalBreakers
+from dispatcher.core.models import JsonValue
 from dispatcher.core.outcomes import (
     ClaimedRow,
     DeadLetter,
@@ -26,16 +30,25 @@ from dispatcher.core.policy import RandomSource
 from dispatcher.core.redact import Redactor
 from dispatcher.core.routing import retry_after_clamped, route
 from dispatcher.core.sanitize import describe_exception
+from dispatcher.runtime.deadlines import run_async
 from dispatcher.runtime.gate import ExecutionGate
-from dispatcher.runtime.handlers import Executor, HandlerContext, KvHandle, StillRunning
+from dispatcher.runtime.handlers import (
+    Executor,
+    HandlerContext,
+    HandlerRegistry,
+    KvHandle,
+    StillRunning,
+)
 from dispatcher.runtime.kv_session import root_of
-from dispatcher.runtime.principals import PrincipalResolver
+from dispatcher.runtime.principals import Principal, PrincipalResolver, RegisteredByResolver
 from dispatcher.runtime.settle import Decision
 from dispatcher.runtime.settler import Settler
 from dispatcher.runtime.signals import Signals
 from dispatcher.runtime.stats import Recorder, Stats
 
 log = logging.getLogger("dispatcher")
+
+_NO_ATTRIBUTES: Mapping[str, JsonValue] = MappingProxyType({})
 
 
 def _span_attributes(row: ClaimedRow) -> dict[str, str | int]:
@@ -74,6 +87,11 @@ class Executions:
         local: LocalBreakers,
     ) -> None:
         self._executor = executor
+        self._registry = executor if type(executor) is HandlerRegistry else None
+        # The default resolver answers every id with a principal of that id: asked without
+        # a coroutine per execution.
+        self._principal_is_registrant = type(principals) is RegisteredByResolver
+        self._registrants: dict[str, Principal] = {}
         self._local = local
         self._principals = principals
         self._gate = gate
@@ -102,9 +120,9 @@ class Executions:
         """Run ``row`` under the permit the caller already holds."""
         self.in_flight += 1
         self._local.started(row.trigger_id)
-        task = asyncio.get_running_loop().create_task(self._execute(row))
-        self._tasks[task] = row
-        task.add_done_callback(self._ended)
+        # No done callback (one more loop callback per row): the execution removes itself
+        # from _tasks as its last step, and cancel_all() collects the tasks that never ran.
+        self._tasks[asyncio.get_running_loop().create_task(self._execute(row))] = row
 
     async def cancel_all(self) -> None:
         """Cancel what still runs and wait, at most ``abandon_after`` seconds, for each to
@@ -118,13 +136,22 @@ class Executions:
         # can catch CancelledError and carry on, and a stop must not wait for it. (Not
         # gather: cut short, it would cancel the tasks again.)
         with anyio.CancelScope(shield=True):
-            _, running = await asyncio.wait(tasks, timeout=self._abandon_after)
+            done, running = await asyncio.wait(tasks, timeout=self._abandon_after)
+        for task in done:
+            row = self._tasks.pop(task, None)
+            if row is not None:
+                # Cancelled before its first step: not a line of it ran, so its permit and
+                # lease are given back here.
+                self._finished(row)
+                self._settler.submit(row, Release())
         for task in running:
             self._abandon(task, self._tasks.pop(task))
 
-    def _ended(self, task: asyncio.Task[None]) -> None:
-        self._tasks.pop(task, None)
-        self._abandoned.pop(task, None)
+    def _finished(self, row: ClaimedRow) -> None:
+        self._gate.release()
+        self.in_flight -= 1
+        self._local.ended(row.trigger_id)
+        self._signals.notify_progress()
 
     def _abandon(self, task: asyncio.Task[None] | None, row: ClaimedRow) -> None:
         """Give up on an execution that may still be running: its lease is left to expire
@@ -145,24 +172,31 @@ class Executions:
         )
 
     async def _execute(self, row: ClaimedRow) -> None:
+        task = cast("asyncio.Task[None]", asyncio.current_task())
         try:
-            decision: Decision = await self._decide(row)
-        except StillRunning:
-            # Cancelled, but the executor could not stop the work itself.
-            self._abandon(None, row)
-            raise
-        except asyncio.CancelledError:
-            self._submit(row, Release())
-            raise
+            try:
+                if tracing.enabled():
+                    decision = await self._decide_traced(row)
+                else:
+                    decision = await self._decide(row, None)
+            except StillRunning:
+                # Cancelled, but the executor could not stop the work itself.
+                self._abandon(None, row)
+                raise
+            except asyncio.CancelledError:
+                self._submit(row, Release())
+                raise
+            finally:
+                self._finished(row)
+            self._submit(row, decision)
+            # Told at once, before the settlement commits: this process stops claiming and
+            # starting a failing (or rate-limited) trigger's rows now, not a batch later.
+            self._local.observe(row, decision, seq=self._settler.submitted, now=time.monotonic())
         finally:
-            self._gate.release()
-            self.in_flight -= 1
-            self._local.ended(row.trigger_id)
-            self._signals.notify_progress()
-        self._submit(row, decision)
-        # Told at once, before the settlement commits: this process stops claiming and
-        # starting a failing (or rate-limited) trigger's rows now, not a batch later.
-        self._local.observe(row, decision, seq=self._settler.submitted, now=time.monotonic())
+            # Last: _submit() must still see an abandoned execution as abandoned.
+            self._tasks.pop(task, None)
+            if self._abandoned:
+                self._abandoned.pop(task, None)
 
     def _submit(self, row: ClaimedRow, decision: Decision) -> None:
         if self._abandoned and asyncio.current_task() in self._abandoned:
@@ -180,16 +214,12 @@ class Executions:
             return
         self._settler.submit(row, decision)
 
-    async def _decide(self, row: ClaimedRow) -> Decision:
-        if not tracing.enabled():
-            return await self._decide_untraced(row, None)
+    async def _decide_traced(self, row: ClaimedRow) -> Decision:
         attributes = _span_attributes(row)
         with tracing.execution_span(row.traceparent, row.trigger_name, attributes) as span:
-            return await self._decide_untraced(row, span)
+            return await self._decide(row, span)
 
-    async def _decide_untraced(
-        self, row: ClaimedRow, span: tracing.ExecutionSpan | None
-    ) -> Decision:
+    async def _decide(self, row: ClaimedRow, span: tracing.ExecutionSpan | None) -> Decision:
         # Admission (depth, orphans, age) was decided by the poller before the permit.
         self._stats.executed += 1
         started = time.perf_counter()
@@ -248,10 +278,13 @@ class Executions:
         )
 
     async def _run_target(self, row: ClaimedRow) -> ExecutionResult:
-        try:
-            principal = await self._principals.resolve(row.registered_by)
-        except Exception as exc:  # a broken resolver fails this attempt, not the dispatcher
-            return Failure(FailureKind.HANDLER_ERROR, f"principal resolver failed: {exc!r}")
+        if self._principal_is_registrant:
+            principal: Principal | None = self._registrant(row.registered_by)
+        else:
+            try:
+                principal = await self._principals.resolve(row.registered_by)
+            except Exception as exc:  # a broken resolver fails this attempt, not the dispatcher
+                return Failure(FailureKind.HANDLER_ERROR, f"principal resolver failed: {exc!r}")
         if principal is None:
             return Failure(
                 FailureKind.PERMISSION_DENIED,
@@ -261,14 +294,29 @@ class Executions:
         payload = row.payload if isinstance(row.payload, dict) else {"value": row.payload}
         key = row.idempotency_key
         ctx = HandlerContext(
-            event=payload,
-            principal=principal,
-            attempt=row.attempts + 1,
-            idempotency_key=key,
-            scope=row.scope,
-            trigger_name=row.trigger_name,
-            trigger_id=row.trigger_id,
-            depth=row.depth,
-            kv=KvHandle(self.kv_session, row.scope, row.depth, key, root_of(payload, row.event_id)),
+            payload,
+            principal,
+            row.attempts + 1,
+            key,
+            row.scope,
+            row.trigger_name,
+            row.trigger_id,
+            row.depth,
+            KvHandle(self.kv_session, row.scope, row.depth, key, root_of(payload, row.event_id)),
         )
+        if self._registry is not None:
+            # The default executor's async handlers, without its coroutine around them.
+            handler = self._registry.async_handler(row.target)
+            if handler is not None:
+                return await run_async(handler, ctx, row.timeout)
         return await self._executor.execute(row.target, ctx, row.timeout)
+
+    def _registrant(self, principal_id: str) -> Principal:
+        """The default resolver's answer (the principal is its id), one object per id: the
+        attributes it carries are read-only and empty, so sharing one is safe."""
+        principal = self._registrants.get(principal_id)
+        if principal is None:
+            if len(self._registrants) >= 10_000:
+                self._registrants.clear()
+            principal = self._registrants[principal_id] = Principal(principal_id, _NO_ATTRIBUTES)
+        return principal

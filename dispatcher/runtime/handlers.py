@@ -256,6 +256,11 @@ class HandlerRegistry:
     def targets(self) -> list[str]:
         return sorted(self._handlers)
 
+    def async_handler(self, target: str) -> Callable[[HandlerContext], object] | None:
+        """The async function registered for ``target``; None for a blocking one or none."""
+        entry = self._handlers.get(target)
+        return None if entry is None or entry.blocking else entry.fn
+
     async def execute(self, target: str, ctx: HandlerContext, time_limit: float) -> ExecutionResult:
         entry = self._handlers.get(target)
         if entry is None:

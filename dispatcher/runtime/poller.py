@@ -247,14 +247,18 @@ class Poller:
         """Each claimed row: settled at once (not admitted, held, stopping, no permit) or
         run."""
         now = time.monotonic()
+        # A claim already under way when stop() or drain() was called: its rows go back
+        # unrun, without an attempt, so nothing starts after either. (Read once: nothing
+        # below awaits, so neither can begin while the batch is handed on.)
+        back = self._signals.is_stopping() or self._signals.is_draining()
         for record in records:
-            self._dispatch_one(record, now)
+            self._dispatch_one(record, now, back)
             self._handed += 1
         self._claimed = []
         self.claiming = False
         self._signals.notify_progress()
 
-    def _dispatch_one(self, record: asyncpg.Record, now: float) -> None:
+    def _dispatch_one(self, record: asyncpg.Record, now: float, back: bool) -> None:
         try:
             row = claimed_row(record)
         except Exception as exc:
@@ -262,9 +266,7 @@ class Poller:
             # decoder follows) must not end the loop nor keep its batch leased.
             self._undecodable(record, exc)
             return
-        if self._signals.is_stopping() or self._signals.is_draining():
-            # A claim already under way when stop() or drain() was called: its rows go
-            # back unrun, without an attempt, so nothing starts after either.
+        if back:
             self._settler.submit(row, Release())
             return
         # Decided before a permit is taken: a row that will not run never holds one.

@@ -80,8 +80,9 @@ def is_data_error(exc: BaseException) -> bool:
     return isinstance(state, str) and state[:2] in ("22", "23")
 
 
-@dataclass(frozen=True, slots=True)
-class Settlement:
+class Settlement(NamedTuple):
+    """One outcome queued for the settler (a tuple: one is made for every settled row)."""
+
     row: ClaimedRow
     decision: Outcome
 

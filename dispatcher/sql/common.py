@@ -27,6 +27,7 @@ T_POLICY = ", ".join(f"t.{c}" for c in POLICY_COLUMNS)
 SNAPSHOT = f"trigger_id, scope, trigger_name, target, registered_by, {POLICY}"
 
 # What a claim returns (the row as routing and execution see it); ``o`` is the outbox row.
+# :func:`dispatcher.records.claimed_row` reads them by position: see its CLAIMED_COLUMNS.
 CLAIMED = f"""o.id, o.lease_token, o.event_id, o.trigger_id, o.scope, o.trigger_name,
                 o.target, o.registered_by, o.payload, o.attempts, o.orphans, o.depth,
                 o.reply_to, o.reply_owner, o.dead_letter_id, {POLICY},

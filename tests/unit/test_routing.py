@@ -95,7 +95,7 @@ def make_row(shape: Shape = "async", **changes: object) -> ClaimedRow:
         timeout=5.0,
         age=10.0,
     )
-    return replace(row, **changes)
+    return row._replace(**changes)
 
 
 def fail(kind: FailureKind, retry_after: float | None = None) -> Failure:
