@@ -2,9 +2,10 @@
 
 Scenarios: raw, pgqueuer, b1 … b11, scaling, hosts (emitting from each host, table capture
 and bulk, side by side), keys (an ordered trigger's drain against an unordered one's; a hot
-key's latest-state coalescing). Each runs its measurement 3 times back to back (``--runs``) and
-reports medians; results are merged into ``bench/results/latest.json`` and a chart is
-written to ``docs/benchmarks.png``.
+key's latest-state coalescing), tracing, loops (B4's drain and B7's LISTEN latency with the
+dispatcher on uvloop and on asyncio, alternately). Each runs its measurement 3 times back to
+back (``--runs``) and reports medians; results are merged into ``bench/results/latest.json``
+and a chart is written to ``docs/benchmarks.png``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
-from bench import hosts, keys, pgq, raw, scenarios
+from bench import hosts, keys, loops, pgq, raw, scenarios
 from bench.core import (
     DEFAULT_DSN,
     REPO_DIR,
@@ -53,6 +54,7 @@ SCENARIOS: dict[str, Scenario] = {
     "hosts": hosts.run,
     "keys": keys.run,
     "tracing": scenarios.tracing,
+    "loops": loops.run,
 }
 
 

@@ -32,6 +32,8 @@ class DrainRun:
     stats: list[dict[str, int]]
     cpu: dict[str, float] = field(default_factory=dict)
     dispatcher_cpu_seconds: float = 0.0
+    # Each child's event loop class, as it reported it (``--loop``).
+    loops: list[str] = field(default_factory=list)
 
     @property
     def rate(self) -> float:
@@ -83,6 +85,7 @@ async def drain(
         stats=[r["stats"] for r in results],
         cpu=cpu_summary(cpu),
         dispatcher_cpu_seconds=cpu.get("processes", float("nan")),
+        loops=[str(r.get("loop", "")) for r in results],
     )
 
 

@@ -42,9 +42,10 @@ def latency_summary(
 
 
 async def dispatcher_latency(
-    ctx: Context, dsn: str, *, rate: float, listen: bool
+    ctx: Context, dsn: str, *, rate: float, listen: bool, worker_args: Sequence[str] = ()
 ) -> dict[str, float]:
-    """One B7 measurement on a migrated database ``dsn`` (triggers registered here once)."""
+    """One B7 measurement on a migrated database ``dsn`` (triggers registered here once);
+    ``worker_args`` are more options of the consumer (``bench.worker consume``)."""
     sz = ctx.sizes
     conn = await asyncpg.connect(dsn)
     try:
@@ -57,6 +58,7 @@ async def dispatcher_latency(
     consumer_args = ["consume", "--dsn", dsn, "--record", "latency"]
     if not listen:
         consumer_args.append("--no-listen")
+    consumer_args += worker_args
     async with children() as started:
         consumer = await Child.worker("b7-consumer", *consumer_args)
         producer = await Child.worker(

@@ -6,6 +6,7 @@ for ``GO``; a consumer then prints ``P {json}`` progress lines (every 50 ms) unt
 Times are ``time.monotonic_ns()``, which on Linux is one clock for every process.
 
     python -m bench.worker consume --dsn … --out result.json [--behaviour b5] [--no-listen]
+        [--loop uvloop]
     python -m bench.worker produce --dsn … --out result.json --rate 500 --seconds 10
 """
 
@@ -13,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
 import resource
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +105,8 @@ async def consume(args: argparse.Namespace) -> None:
     settings = {"listen": not args.no_listen, **_overrides(args.config)}
     config = dispatcher.DispatcherConfig(**settings)
     d = dispatcher.Dispatcher(args.dsn, handlers, config=config)
+    # As `dispatcher run` does once it is set up (docs/configuration.md).
+    gc.freeze()
     _say("READY")
     if await _read_line() != "GO":
         return
@@ -164,6 +169,7 @@ async def consume(args: argparse.Namespace) -> None:
         "last": last_change,
         "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "queries": counter.count,
+        "loop": _loop_name(),
     }
     _write_json(args.out, result)
     _say("DONE")
@@ -233,6 +239,22 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
     return result
 
 
+def _loop_name() -> str:
+    kind = type(asyncio.get_running_loop())
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _run(main: Coroutine[Any, Any, None], loop: str) -> None:
+    """``main`` in a new event loop: the standard library's, or uvloop's."""
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if loop == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main)
+
+
 def _start_profiler(path: str | None) -> Any:
     if not path:
         return None
@@ -293,6 +315,12 @@ def main(argv: list[str] | None = None) -> None:
         "drops the spans",
     )
     c.add_argument("--profile", default=None, help="write a pyinstrument profile here")
+    c.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="the dispatcher's event loop (as dispatcher run --loop)",
+    )
     p = sub.add_parser("produce")
     p.add_argument("--dsn", required=True)
     p.add_argument("--out", required=True)
@@ -303,7 +331,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--connections", type=int, default=4)
     p.add_argument("--no-record", dest="record", action="store_false")
     args = parser.parse_args(argv)
-    asyncio.run(consume(args) if args.mode == "consume" else produce(args))
+    if args.mode == "consume":
+        _run(consume(args), args.loop)
+    else:
+        asyncio.run(produce(args))
 
 
 if __name__ == "__main__":

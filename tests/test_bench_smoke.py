@@ -55,6 +55,14 @@ POSITIVE = {
         "tx_conditional_cost",
     ],
     "tracing": ["untraced", "traced", "traced_ratio"],
+    "loops": [
+        "asyncio_drain",
+        "uvloop_drain",
+        "ratio_drain",
+        "asyncio_latency_p99",
+        "uvloop_latency_p99",
+        "ratio_latency_p99",
+    ],
     "keys": [
         "unordered_drain",
         "ordered_drain",
@@ -70,6 +78,7 @@ ZERO = {
     "b5": ["drain_duplicates"],
     "b6": ["drain_duplicates"],
     "scaling": ["p1_duplicates", "p2_duplicates"],
+    "loops": ["asyncio_drain_duplicates", "uvloop_drain_duplicates"],
 }
 
 

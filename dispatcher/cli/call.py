@@ -10,7 +10,7 @@ import anyio
 import asyncpg
 import click
 
-from dispatcher.cli.options import require_dsn
+from dispatcher.cli.options import EventLoop, require_dsn
 from dispatcher.core.errors import DispatcherError
 from dispatcher.db import Connection
 
@@ -21,10 +21,11 @@ class SchemaNotMigrated(DispatcherError):
     """The schema lacks dispatcher's tables."""
 
 
-def run_async(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run a coroutine; turn expected failures into one clear line and exit status 1."""
+def run_async(fn: Callable[[], Coroutine[Any, Any, T]], *, loop: EventLoop = "asyncio") -> T:
+    """Run a coroutine in an event loop of kind ``loop``; turn expected failures into one
+    clear line and exit status 1."""
     try:
-        return anyio.run(fn)
+        return anyio.run(fn, backend_options={"use_uvloop": loop == "uvloop"})
     except DispatcherError as exc:
         raise click.ClickException(str(exc)) from None
     except (OSError, ConnectionError) as exc:

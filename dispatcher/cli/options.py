@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Literal, TypeVar, get_args
 
 import click
 
@@ -37,6 +37,35 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON i
 
 dry_run_option = click.option(
     "--dry-run", is_flag=True, help="Report what would change; change nothing."
+)
+
+
+EventLoop = Literal["asyncio", "uvloop"]
+UVLOOP_HINT = "uvloop is not installed: pip install 'dispatcher[uvloop]'"
+
+
+def _event_loop(ctx: click.Context, param: click.Parameter, value: EventLoop) -> EventLoop:
+    """The loop asked for, if this interpreter can run it: a missing uvloop is a usage
+    error with the install hint, before anything starts."""
+    if value == "uvloop":
+        try:
+            import uvloop  # noqa: F401  (anyio imports it again to make the loop)
+        except ImportError as exc:
+            missing = isinstance(exc, ModuleNotFoundError) and exc.name == "uvloop"
+            # Installed but broken (a wheel for another platform): say why.
+            hint = UVLOOP_HINT if missing else f"uvloop cannot be imported: {exc}"
+            raise click.BadParameter(hint, ctx, param) from None
+    return value
+
+
+loop_option = click.option(
+    "--loop",
+    type=click.Choice(get_args(EventLoop)),
+    default="asyncio",
+    show_default=True,
+    envvar="DISPATCHER_LOOP",
+    callback=_event_loop,
+    help="Event loop: the standard library's asyncio, or uvloop (the uvloop extra).",
 )
 
 

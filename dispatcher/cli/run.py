@@ -7,6 +7,8 @@ The runtime and the metrics extra are imported when the command runs, not when t
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import importlib
 import logging
 import os
@@ -19,7 +21,7 @@ import click
 
 from dispatcher.cli import logs
 from dispatcher.cli.call import run_async
-from dispatcher.cli.options import connection_options, require_dsn
+from dispatcher.cli.options import EventLoop, connection_options, loop_option, require_dsn
 from dispatcher.core.errors import DispatcherError
 from dispatcher.core.health import DEFAULT_READY_WINDOW
 from dispatcher.log_format import LOG_FORMATS, LogFormat
@@ -121,6 +123,7 @@ def _redact_keys(
     help="Also redact values of keys whose name contains NAME (case-insensitive, '-' and '_' "
     "ignored), in addition to the default fragments; repeatable.",
 )
+@loop_option
 def run(
     dsn: str | None,
     schema: str,
@@ -141,6 +144,7 @@ def run(
     ready_window: float,
     log_format: LogFormat,
     redact_keys: tuple[str, ...],
+    loop: EventLoop,
 ) -> None:
     """Run a dispatcher until SIGINT or SIGTERM (a second signal aborts at once; leases of
     unfinished rows are given back either way)."""
@@ -174,8 +178,12 @@ def run(
     metrics_server = None
     if recorder is not None and metrics_port is not None:
         metrics_server = _serve_metrics(recorder, dispatcher, metrics_host, metrics_port)
+    # Everything loaded so far (modules, the handlers' application, SQLAlchemy's metadata)
+    # lives as long as the process: moved out of the collector's sight, a full collection
+    # walks only what the dispatcher allocates (docs/configuration.md, "Garbage collection").
+    gc.freeze()
     try:
-        run_async(lambda: _serve(dispatcher))
+        run_async(lambda: _serve(dispatcher), loop=loop)
     finally:
         if metrics_server is not None:
             metrics_server.close()
@@ -233,6 +241,12 @@ def _serve_metrics(
 
 
 async def _serve(dispatcher: Dispatcher) -> None:
+    # The loop's class, read from the running loop (what --loop asked for is only a wish).
+    kind = type(asyncio.get_running_loop())
+    logging.getLogger("dispatcher.cli").info(
+        "event loop running",
+        extra={"event": "cli.loop", "loop": f"{kind.__module__}.{kind.__qualname__}"},
+    )
     async with anyio.create_task_group() as tg:
         tg.start_soon(_stop_on_signals, dispatcher, tg.cancel_scope)
         await dispatcher.run()

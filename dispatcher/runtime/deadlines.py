@@ -10,6 +10,7 @@ import contextlib
 import inspect
 from collections import deque
 from collections.abc import Callable
+from types import CoroutineType
 from typing import TYPE_CHECKING
 
 from dispatcher.core.outcomes import ExecutionResult, Failure, FailureKind, Success
@@ -47,9 +48,9 @@ class Deadlines:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def watch(self, time_limit: float) -> Watch:
-        loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
+        loop = task.get_loop()
         if self._loop is not loop or self._task is None or self._task.done():
             self._loop = loop
             self._queues = {}
@@ -102,7 +103,7 @@ async def run_async(
     w = DEADLINES.watch(time_limit)
     try:
         pending = fn(ctx)
-        if not inspect.isawaitable(pending):
+        if type(pending) is not CoroutineType and not inspect.isawaitable(pending):
             raise TypeError(f"async handler returned {type(pending).__name__}, not an awaitable")
         value = await pending
     except asyncio.CancelledError as exc:

@@ -250,12 +250,17 @@ class Applier:
             )
 
     async def _apply(self, conn: Connection, items: Sequence[Settlement]) -> None:
-        steps = [_step(s, self._redactor) for s in items]
+        redactor = self._redactor
+        steps = [_COMPLETED if type(s.decision) is Complete else _step(s, redactor) for s in items]
+        # The common batch: async successes only (no reply, nothing for the breakers).
+        successes = all(step is _COMPLETED for step in steps)
         heard: list[tuple[Settlement, Reply]] = []
         unheard: list[tuple[Settlement, Reply]] = []
         async with conn.transaction():
-            done = await self._write(conn, items, steps)
+            done = await self._write(conn, items, steps, successes=successes)
             for s, applied in zip(items, done.applied, strict=True):
+                if successes:
+                    break
                 if applied and isinstance(s.decision, Reply):
                     waited = self._inbox.is_waiting(str(s.row.reply_to))
                     (heard if waited else unheard).append((s, s.decision))
@@ -274,7 +279,12 @@ class Applier:
             await self._deliver(conn, heard)
 
     async def _write(
-        self, conn: Connection, items: Sequence[Settlement], steps: Sequence[_Step]
+        self,
+        conn: Connection,
+        items: Sequence[Settlement],
+        steps: Sequence[_Step],
+        *,
+        successes: bool = False,
     ) -> _Applied:
         groups: dict[Write, list[int]] = {}
         for i, step in enumerate(steps):
@@ -301,6 +311,9 @@ class Applier:
         done.applied = [
             s.row.id in written[step.write].ids for s, step in zip(items, steps, strict=True)
         ]
+        if successes:
+            # Successes only: COMPLETE has reset their breakers already, and none holds.
+            return done
         settled = [(s.row, s.decision, ok) for s, ok in zip(items, done.applied, strict=True)]
         done.breakers_opened = await feed_breakers(conn, self._sql, self._breaker, settled)
         done.holds = await hold_rate_limited(conn, self._sql, settled)

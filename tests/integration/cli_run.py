@@ -21,6 +21,7 @@ CLEAN_ENV: dict[str, str | None] = {
     "DATABASE_URL": None,
     "DISPATCHER_SCHEMA": None,
     "DISPATCHER_LOG_LEVEL": None,
+    "DISPATCHER_LOOP": None,
 }
 
 
