@@ -12,6 +12,9 @@ missed. Measurement only; nothing here changes the dispatcher.
     python -m bench.experiments wal-per-row
     python -m bench.experiments notify-waits
     python -m bench.experiments bulk-jit
+    python -m bench.experiments bulk-revisions [--runs 3]
+    python -m bench.experiments gc-pauses [--rows 20000] [--runs 3]
+    python -m bench.experiments drain-waits [--rows 40000]
 
 ``profile-drain`` attaches py-spy (``pip install py-spy``) to a B4 dispatcher process for
 the whole drain and prints where its CPU went; the raw stacks land in bench/profiles/.
@@ -22,6 +25,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
+import gc
+import importlib.util
 import json
 import os
 import re
@@ -30,8 +36,10 @@ import statistics
 import subprocess
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -464,6 +472,99 @@ async def bulk_jit(ctx: Context, mutations: int, calls: int) -> None:
             await conn.close()
 
 
+def _emit_many_0015() -> str:
+    """0015's emit_many, as migration 0016's downgrade writes it, named ``emit_many_0015``."""
+    path = Path(__file__).parents[1] / "migrations" / "versions" / "0016_bulk_emit_speed.py"
+    spec = importlib.util.spec_from_file_location("dispatcher_migration_0016_bench", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    old = str(module._emit_many_0015("dispatcher"))
+    return old.replace('"dispatcher".emit_many(', '"dispatcher".emit_many_0015(', 1)
+
+
+@contextlib.asynccontextmanager
+async def _rolled_back(conn: asyncpg.Connection) -> AsyncIterator[None]:
+    tr = conn.transaction()
+    await tr.start()
+    try:
+        yield
+    finally:
+        await tr.rollback()
+
+
+async def bulk_revisions(ctx: Context, runs: int) -> None:
+    """B3's call (1,000 mutations, fan-out 10, autocommit) through the current emit_many
+    and 0015's, interleaved on one connection, each call timed with its commit; then the
+    client's share (building the arguments, and sending them to a statement that does
+    nothing with them)."""
+    sql = queries().emit
+    old_sql = sql.replace(".emit_many(", ".emit_many_0015(")
+    noop = (
+        "SELECT cardinality($1::uuid[]) + cardinality($2::text[]) + cardinality($3::text[])"
+        " + cardinality($4::text[]) + cardinality($5::text[]) + cardinality($6::jsonb[])"
+        " + cardinality($7::int[]) + coalesce(cardinality($8::uuid[]), 0) + $9::int"
+        " + coalesce(cardinality($11::jsonb[]), 0), $10::bool, $12::text"
+    )
+    emitter = dispatcher.Emitter()
+    async with ctx.database("bulkrev") as dsn:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await register_triggers(conn, 10, scope="fan")
+            await conn.execute(_emit_many_0015())
+            times: dict[str, list[float]] = collections.defaultdict(list)
+            n = 0
+            for rep in range(runs * 10):
+                order = [("0016", sql), ("0015", old_sql)]
+                for name, statement in order if rep % 2 else order[::-1]:
+                    await conn.execute("TRUNCATE dispatcher.outbox")
+                    t0 = time.perf_counter()
+                    call = emitter._many([mutation(n + j, scope="fan") for j in range(1000)])
+                    assert call is not None
+                    t1 = time.perf_counter()
+                    row = await conn.fetchrow(statement, *call[1])
+                    t2 = time.perf_counter()
+                    assert row is not None
+                    assert len(row["outbox_ids"]) == 10_000
+                    await conn.fetchrow(noop, *call[1])
+                    t3 = time.perf_counter()
+                    n += 1000
+                    # The statement alone: in a transaction rolled back (no commit).
+                    call = emitter._many([mutation(n + j, scope="fan") for j in range(1000)])
+                    assert call is not None
+                    async with _rolled_back(conn):
+                        await conn.execute("TRUNCATE dispatcher.outbox")
+                        t4 = time.perf_counter()
+                        await conn.fetchrow(statement, *call[1])
+                        t5 = time.perf_counter()
+                    n += 1000
+                    if rep >= 2:  # the first calls plan custom, then generic
+                        times[f"{name} call"].append(t2 - t0)
+                        times[f"{name} statement, no commit"].append(t5 - t4)
+                        times["mutations+arguments"].append(t1 - t0)
+                        times["arguments sent"].append(t3 - t2)
+            ratios = [a / b for a, b in zip(times["0016 call"], times["0015 call"], strict=True)]
+            for name, values in times.items():
+                print(f"{name:<22} median {1000 * statistics.median(values):6.1f} ms")
+            call_rate = 10_000 / statistics.median(times["0016 call"])
+            ratio = statistics.median(ratios)
+            print(f"0016 call / 0015 call: median of {len(ratios)} pairs {ratio:.2f}")
+            alone = [
+                a / b
+                for a, b in zip(
+                    times["0016 statement, no commit"],
+                    times["0015 statement, no commit"],
+                    strict=True,
+                )
+            ]
+            ratio = statistics.median(alone)
+            print(f"0016 / 0015 statement, no commit: median of {len(alone)} pairs {ratio:.2f}")
+            print(f"0016: {call_rate:,.0f} rows/s per call (median)")
+        finally:
+            await conn.close()
+
+
 async def drain_config(ctx: Context, rows: int, configs: list[str]) -> None:
     """B4 with other DispatcherConfig settings, rounds interleaved (``;``-separated
     FIELD=VALUE lists; an empty one is the default)."""
@@ -552,6 +653,128 @@ async def wal_per_row(ctx: Context, rows: int) -> None:
             await conn.close()
 
 
+async def drain_waits(ctx: Context, rows: int) -> None:
+    """What 1, 2 and 4 dispatcher processes draining ``rows`` due rows spend their time on:
+    throughput, the cores the dispatchers and Postgres use (against the machine's), the CPU
+    per drained row of each, and what the dispatchers' backends were doing, sampled from
+    pg_stat_activity every 5 ms (running, idle waiting for the client, or a wait event: a
+    lock, WAL, the notify queue)."""
+    async with ctx.database("waits") as dsn:
+        name = urlsplit(dsn).path.lstrip("/")
+        conn = await asyncpg.connect(dsn)
+        try:
+            await register_triggers(conn, 1)
+        finally:
+            await conn.close()
+        admin = await asyncpg.connect(ctx.admin_dsn)
+        try:
+            for processes in (1, 2, 4):
+                conn = await asyncpg.connect(dsn)
+                try:
+                    await seed_outbox(conn, rows)
+                finally:
+                    await conn.close()
+                meter = CpuMeter(await find_postmaster(dsn))
+                states: Counter[str] = collections.Counter()
+                async with children() as started:
+                    for i in range(processes):
+                        started.append(await Child.worker(f"waits{i}", "consume", "--dsn", dsn))
+                    await asyncio.gather(*(c.ready() for c in started))
+                    meter.start([c.pid for c in started])
+                    for c in started:
+                        c.go()
+                    done = asyncio.Event()
+
+                    async def sample(done: asyncio.Event, states: Counter[str]) -> None:
+                        while not done.is_set():
+                            for r in await admin.fetch(
+                                "SELECT state, wait_event_type, wait_event, query "
+                                "FROM pg_stat_activity "
+                                "WHERE datname = $1 AND pid <> pg_backend_pid() "
+                                "AND application_name LIKE 'dispatcher%'",
+                                name,
+                            ):
+                                if r["state"] == "idle":
+                                    states["idle (waiting for the client)"] += 1
+                                    continue
+                                what = f"{r['wait_event_type']}:{r['wait_event']}"
+                                kind = "claim" if "SKIP LOCKED" in (r["query"] or "") else "other"
+                                where = "on CPU" if what == "None:None" else what
+                                states[f"{kind}: {where}"] += 1
+                            await asyncio.sleep(0.005)
+
+                    sampler = asyncio.create_task(sample(done, states))
+                    await _wait_settled(dsn, started, rows, None)
+                    done.set()
+                    await sampler
+                    cpu = meter.stop()
+                    for c in started:
+                        await c.finish()
+                wall = cpu["wall"]
+                total = sum(states.values()) or 1
+                print(
+                    f"{processes} process(es): {rows / wall:,.0f} rows/s; dispatchers "
+                    f"{cpu['processes'] / wall:.2f} cores ({cpu['processes'] / rows * 1e6:.1f} "
+                    f"µs/row), Postgres {cpu['postgres'] / wall:.2f} cores "
+                    f"({cpu['postgres'] / rows * 1e6:.1f} µs/row), machine busy "
+                    f"{cpu['machine_busy'] / wall:.2f} of {cpu['cores']:.0f} cores"
+                )
+                for state, n in states.most_common(8):
+                    print(f"    {100 * n / total:5.1f}%  {state}")
+        finally:
+            await admin.close()
+
+
+async def gc_pauses(ctx: Context, rows: int, runs: int) -> None:
+    """The cyclic garbage collector's pauses during a drain, in this process, without and
+    with ``gc.freeze()`` (what ``dispatcher run`` does once set up), interleaved: per
+    generation, how many collections ran, the longest and their sum; and the process's CPU
+    per drained row."""
+    handlers = dispatcher.HandlerRegistry()
+
+    async def noop(ctx: dispatcher.HandlerContext) -> None:
+        return None
+
+    handlers.register("noop", noop)
+    began = [0.0]
+    pauses: dict[int, list[float]] = {}
+
+    def timed(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            began[0] = time.perf_counter()
+        else:
+            pauses.setdefault(info["generation"], []).append(time.perf_counter() - began[0])
+
+    async with ctx.database("gc") as dsn:
+        for run in range(runs):
+            for frozen in (False, True):
+                conn = await asyncpg.connect(dsn)
+                try:
+                    if run == 0 and not frozen:
+                        await register_triggers(conn, 1)
+                    await seed_outbox(conn, rows)
+                finally:
+                    await conn.close()
+                gc.collect()
+                if frozen:
+                    gc.freeze()
+                pauses.clear()
+                gc.callbacks.append(timed)
+                cpu = time.process_time()
+                try:
+                    await dispatcher.Dispatcher(dsn, handlers).run_until_idle()
+                finally:
+                    cpu = time.process_time() - cpu
+                    gc.callbacks.remove(timed)
+                    gc.unfreeze()
+                each = ", ".join(
+                    f"gen{g} {len(p)} times, max {max(p) * 1000:.1f} ms sum {sum(p) * 1000:.0f} ms"
+                    for g, p in sorted(pauses.items())
+                )
+                label = "gc.freeze()" if frozen else "as loaded  "
+                print(f"run {run + 1} {label}: {cpu / rows * 1e6:5.1f} µs CPU/row; {each}")
+
+
 def _p(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(len(ordered) * q / 100))]
@@ -573,6 +796,9 @@ def main() -> None:
             "wal-per-row",
             "notify-waits",
             "bulk-jit",
+            "bulk-revisions",
+            "gc-pauses",
+            "drain-waits",
         ),
     )
     parser.add_argument("--dsn", default=os.environ.get("BENCH_DSN", DEFAULT_DSN))
@@ -612,6 +838,12 @@ def main() -> None:
                 await bulk_split(ctx, args.mutations)
             elif args.probe == "bulk-jit":
                 await bulk_jit(ctx, args.mutations, 8)
+            elif args.probe == "bulk-revisions":
+                await bulk_revisions(ctx, args.runs)
+            elif args.probe == "drain-waits":
+                await drain_waits(ctx, args.rows)
+            elif args.probe == "gc-pauses":
+                await gc_pauses(ctx, args.rows, args.runs)
             elif args.probe == "notify-waits":
                 await notify_waits(ctx)
             elif args.probe == "wal-per-row":

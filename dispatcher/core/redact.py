@@ -87,6 +87,10 @@ _BRACKET = re.compile(r"[\[\]{}]")
 _URL_PASSWORD = re.compile(r"(?<![\w+.-])([A-Za-z][\w+.-]*+://[^\s:/?#]*+:)[^\s/?#]*@")
 
 
+# Key names whose verdict is kept (then forgotten all at once: a bound, not a policy).
+_MAX_VERDICTS = 4096
+
+
 def _norm(key: str) -> str:
     return key.lower().replace("-", "").replace("_", "")
 
@@ -102,6 +106,9 @@ class Redactor:
     keys: frozenset[str] = DEFAULT_REDACT_KEYS
     _fragments: tuple[str, ...] = field(init=False, repr=False, compare=False)
     _sensitive: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
+    # Key names seen, and whether each is sensitive: payloads of one application repeat
+    # the same few keys, and every failure's message is redacted against its payload.
+    _verdicts: dict[str, bool] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         keys = frozenset(self.keys)
@@ -122,6 +129,7 @@ class Redactor:
         # text it is the other way round (see _mask_pairs).
         pattern = "|".join(map(re.escape, fragments))
         object.__setattr__(self, "_sensitive", re.compile(pattern) if fragments else None)
+        object.__setattr__(self, "_verdicts", {})
 
     @property
     def enabled(self) -> bool:
@@ -133,7 +141,13 @@ class Redactor:
         >>> Redactor(frozenset({"api_key"})).is_sensitive("X-Api-Key")
         True
         """
-        return self._sensitive is not None and self._sensitive.search(_norm(key)) is not None
+        verdict = self._verdicts.get(key)
+        if verdict is None:
+            verdict = self._sensitive is not None and self._sensitive.search(_norm(key)) is not None
+            if len(self._verdicts) >= _MAX_VERDICTS:
+                self._verdicts.clear()
+            self._verdicts[key] = verdict
+        return verdict
 
     def redact_json(self, value: JsonValue) -> JsonValue:
         """A copy of ``value`` with every sensitive key's value replaced, and its strings
@@ -145,7 +159,7 @@ class Redactor:
     def _walk(self, value: JsonValue, depth: int, secrets: tuple[str, ...]) -> JsonValue:
         if depth > 200:
             return REDACTED  # deeper than any real payload: do not risk leaking it
-        if isinstance(value, Mapping):
+        if type(value) is dict or isinstance(value, Mapping):
             return {
                 k: (REDACTED if self.is_sensitive(str(k)) else self._walk(v, depth + 1, secrets))
                 for k, v in value.items()
@@ -166,7 +180,7 @@ class Redactor:
     def _collect(self, value: JsonValue, found: set[str], depth: int) -> None:
         if depth > 200:
             return
-        if isinstance(value, Mapping):
+        if type(value) is dict or isinstance(value, Mapping):
             for k, v in value.items():
                 if self.is_sensitive(str(k)):
                     _strings(v, found, depth + 1)

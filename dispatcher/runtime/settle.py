@@ -256,11 +256,15 @@ class Applier:
         successes = all(step is _COMPLETED for step in steps)
         heard: list[tuple[Settlement, Reply]] = []
         unheard: list[tuple[Settlement, Reply]] = []
+        if successes:
+            # One statement (COMPLETE deletes, un-parks and closes breakers in one), atomic
+            # by itself: no BEGIN and COMMIT round trips around it.
+            done = await self._write(conn, items, steps, successes=True)
+            self._count(steps, done)
+            return
         async with conn.transaction():
-            done = await self._write(conn, items, steps, successes=successes)
+            done = await self._write(conn, items, steps)
             for s, applied in zip(items, done.applied, strict=True):
-                if successes:
-                    break
                 if applied and isinstance(s.decision, Reply):
                     waited = self._inbox.is_waiting(str(s.row.reply_to))
                     (heard if waited else unheard).append((s, s.decision))
