@@ -297,3 +297,47 @@ async def test_cli_run_exits_after_sigterm_with_a_handler_that_swallows_cancella
     assert code == 0, err.decode(errors="replace")
     assert b"abandoned" in err, err.decode(errors="replace")
     assert await _lease(conn) == (token, 0, True)
+
+
+async def test_an_execution_cancelled_before_its_first_step_gives_back_its_permit_and_lease(
+    dsn: str,
+) -> None:
+    from dispatcher.core.models import RetryPolicy as Policy
+    from dispatcher.core.outcomes import ClaimedRow, Release
+
+    ran: list[str] = []
+    handlers = HandlerRegistry()
+
+    @handlers.handler("never")
+    async def never(ctx: HandlerContext) -> None:
+        ran.append(ctx.idempotency_key)
+
+    d = Dispatcher(dsn, handlers, config=DispatcherConfig(concurrency=4))
+    executions, settler = d._executions, d._settler
+    row = ClaimedRow(
+        id=1,
+        lease_token=uuid.uuid4(),
+        event_id=uuid.uuid4(),
+        trigger_id=1,
+        scope="acme",
+        trigger_name="t",
+        target="never",
+        registered_by="user:1",
+        payload={"key": "users/1"},
+        attempts=0,
+        orphans=0,
+        depth=0,
+        reply_to=None,
+        dead_letter_id=None,
+        policy=Policy(),
+        timeout=5.0,
+        age=0.0,
+    )
+    assert d.gate.try_acquire()
+    executions.start(row)
+    # No await between: the task exists but has not run a line.
+    await executions.cancel_all()
+    assert ran == []
+    assert d.gate.free == 4
+    assert executions.in_flight == 0
+    assert [(s.row.id, s.decision) for s in settler.pending] == [(1, Release())]
