@@ -15,6 +15,7 @@ missed. Measurement only; nothing here changes the dispatcher.
     python -m bench.experiments bulk-revisions [--runs 3]
     python -m bench.experiments gc-pauses [--rows 20000] [--runs 3]
     python -m bench.experiments drain-waits [--rows 40000]
+    python -m bench.experiments latency-parts [--seconds 10]
 
 ``profile-drain`` attaches py-spy (``pip install py-spy``) to a B4 dispatcher process for
 the whole drain and prints where its CPU went; the raw stacks land in bench/profiles/.
@@ -725,6 +726,113 @@ async def drain_waits(ctx: Context, rows: int) -> None:
             await admin.close()
 
 
+async def latency_parts(ctx: Context, seconds: float) -> None:
+    """B7 (LISTEN, 500 emits/s) with the dispatcher in this process, instrumented: for every
+    event, the time from its commit to the start of the claim that returned it, the claim
+    itself, and from the claim's return to its handler's start; for all events and for the
+    slowest 5 %, and whether that claim followed a wake-up hint or a linger poll."""
+    from dispatcher.runtime.poller import Poller
+
+    hints: list[int] = []
+    claims: list[tuple[int, int, list[str]]] = []
+    starts: dict[str, int] = {}
+    original_claim = Poller._claim
+    original_hinted = Poller.hinted
+
+    def hinted(self: Poller) -> None:
+        hints.append(time.monotonic_ns())
+        original_hinted(self)
+
+    async def claim(self: Poller, want: int) -> list[asyncpg.Record] | None:
+        t0 = time.monotonic_ns()
+        records = await original_claim(self, want)
+        t1 = time.monotonic_ns()
+        if records:
+            claims.append((t0, t1, [json.loads(r["payload"])["key"] for r in records]))
+        return records
+
+    handlers = dispatcher.HandlerRegistry()
+
+    async def noop(hctx: dispatcher.HandlerContext) -> None:
+        starts.setdefault(str(hctx.event["key"]), time.monotonic_ns())
+
+    handlers.register("noop", noop)
+    async with ctx.database("parts") as dsn:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await register_triggers(conn, 1, pattern="lat/*", name="lat")
+            await register_triggers(conn, 1, pattern="warm/*", name="warm")
+        finally:
+            await conn.close()
+        Poller._claim = claim  # type: ignore[method-assign]
+        Poller.hinted = hinted  # type: ignore[method-assign]
+        gc.freeze()
+        d = dispatcher.Dispatcher(dsn, handlers)
+        try:
+            async with children() as started, asyncio.TaskGroup() as tg:
+                tg.create_task(d.run())
+                producer = await Child.worker(
+                    "parts-producer",
+                    "produce",
+                    "--dsn",
+                    dsn,
+                    "--rate",
+                    "500",
+                    "--seconds",
+                    str(seconds),
+                    "--warmup",
+                    "1",
+                )
+                started.append(producer)
+                await producer.ready()
+                await asyncio.sleep(0.3)
+                producer.go()
+                produced = await producer.finish(stop=False, within=seconds * 3 + 60)
+                await asyncio.sleep(0.5)
+                d.stop()
+        finally:
+            Poller._claim = original_claim  # type: ignore[method-assign]
+            Poller.hinted = original_hinted  # type: ignore[method-assign]
+            gc.unfreeze()
+    claim_of: dict[str, tuple[int, int, int]] = {}
+    for index, (t0, t1, keys) in enumerate(claims):
+        for key in keys:
+            claim_of.setdefault(key, (t0, t1, index))
+    parts: list[tuple[float, float, float, float, bool]] = []
+    for key, committed in produced["committed"].items():
+        if key not in claim_of or key not in starts:
+            continue
+        t0, t1, index = claim_of[key]
+        previous_end = claims[index - 1][1] if index else 0
+        woken = any(previous_end <= h <= t0 for h in hints[-20000:])
+        parts.append(
+            (
+                (starts[key] - committed) / 1e6,
+                (t0 - committed) / 1e6,
+                (t1 - t0) / 1e6,
+                (starts[key] - t1) / 1e6,
+                woken,
+            )
+        )
+    parts.sort()
+    slow = parts[int(len(parts) * 0.95) :]
+    for label, group in (("all events", parts), ("slowest 5 %", slow)):
+        if not group:
+            continue
+        med = [statistics.median(p[i] for p in group) for i in range(4)]
+        share = sum(p[4] for p in group) / len(group)
+        print(
+            f"{label} ({len(group)}): latency p50 {med[0]:.2f} ms; commit -> claim start "
+            f"{med[1]:.2f} ms, claim {med[2]:.2f} ms, claim -> handler {med[3]:.2f} ms "
+            f"(medians); claims after a hint {100 * share:.0f} %"
+        )
+    print(
+        f"p50 {_p([p[0] for p in parts], 50):.2f} ms, p95 {_p([p[0] for p in parts], 95):.2f} ms, "
+        f"p99 {_p([p[0] for p in parts], 99):.2f} ms; {len(claims)} claims returned rows, "
+        f"{len(hints)} hints"
+    )
+
+
 async def gc_pauses(ctx: Context, rows: int, runs: int) -> None:
     """The cyclic garbage collector's pauses during a drain, in this process, without and
     with ``gc.freeze()`` (what ``dispatcher run`` does once set up), interleaved: per
@@ -799,6 +907,7 @@ def main() -> None:
             "bulk-revisions",
             "gc-pauses",
             "drain-waits",
+            "latency-parts",
         ),
     )
     parser.add_argument("--dsn", default=os.environ.get("BENCH_DSN", DEFAULT_DSN))
@@ -840,6 +949,8 @@ def main() -> None:
                 await bulk_jit(ctx, args.mutations, 8)
             elif args.probe == "bulk-revisions":
                 await bulk_revisions(ctx, args.runs)
+            elif args.probe == "latency-parts":
+                await latency_parts(ctx, args.seconds)
             elif args.probe == "drain-waits":
                 await drain_waits(ctx, args.rows)
             elif args.probe == "gc-pauses":

@@ -47,7 +47,6 @@ from dispatcher.runtime.services import (
     count_capped_backlogs,
     housekeeping,
     listen,
-    promote_stranded,
     sample_backlog,
 )
 from dispatcher.runtime.settle import Applier, BreakerSettings
@@ -259,7 +258,6 @@ class Dispatcher:
             services.start_soon(sample_backlog, c.pool, self._sql, cfg, self.recorder)
         services.start_soon(housekeeping, c.pool, self._sql, cfg)
         services.start_soon(count_capped_backlogs, c.pool, self._sql, self.stats)
-        services.start_soon(promote_stranded, c.pool, self._sql)
 
     async def _shut_down(self) -> None:
         """Also reached when run() itself is cancelled (an abort): whatever still runs is

@@ -29,6 +29,7 @@ from dispatcher.core.policy import RandomSource
 from dispatcher.core.redact import Redactor
 from dispatcher.core.routing import admit, route
 from dispatcher.core.sanitize import describe_exception
+from dispatcher.emit import DEFAULT_NOTIFY_INTERVAL
 from dispatcher.records import claimed_row, undecodable_claimed_row
 from dispatcher.runtime.config import DispatcherConfig
 from dispatcher.runtime.connections import DB_ERRORS, Connections, jittered
@@ -41,9 +42,18 @@ from dispatcher.sql import Sql
 
 log = logging.getLogger("dispatcher")
 
-# After a wake-up hint, poll every LINGER_POLL seconds for NOTIFY_LINGER seconds.
+# After a wake-up hint, poll every LINGER_POLL seconds for NOTIFY_LINGER seconds. A producer
+# sends at most one hint per notify interval (dispatcher.emit), so the rows whose hint it
+# folded into an earlier one committed within that interval after it: a poll one interval
+# after each hint finds them, where a longer one was the tail of the commit-to-start latency.
 NOTIFY_LINGER = 0.05
-LINGER_POLL = 0.005
+LINGER_POLL = DEFAULT_NOTIFY_INTERVAL
+
+# At most this often (seconds), a claim also sweeps (ClaimSql.claim_and_sweep): an open
+# breaker whose cool-down is over lets its probe through, and an ordered key's next row left
+# waiting by an emit and a settlement that raced is made due, at most SWEEP_KEYS keys.
+SWEEP_EVERY = 1.0
+SWEEP_KEYS = 1000
 
 
 class Poller:
@@ -82,6 +92,7 @@ class Poller:
         self.last_claim_at: datetime | None = None
         self.last_claim_monotonic: float | None = None
         self._last_notify = -1e9
+        self._last_sweep = -1e9
         # The claim loop's reconnect backoff, reset by each successful claim.
         self._delay = config.reconnect_min
         # The rows of the latest claim, and how many of them were handed on (started or
@@ -219,14 +230,20 @@ class Poller:
         held = self._local.held(now=time.monotonic(), applied=self._settler.applied)
         try:
             conn = await self._connections.for_claims()
-            records: list[asyncpg.Record] = await conn.fetch(
-                self._sql.claim,
+            args: tuple[object, ...] = (
                 want,
                 uuid.uuid4(),
                 self._inbox_id,
                 self._config.lease_margin,
                 held,
             )
+            if time.monotonic() - self._last_sweep >= SWEEP_EVERY:
+                records: list[asyncpg.Record] = await conn.fetch(
+                    self._sql.claim_and_sweep, *args, SWEEP_KEYS
+                )
+                self._last_sweep = time.monotonic()
+            else:
+                records = await conn.fetch(self._sql.claim, *args)
         except DB_ERRORS as exc:
             self.claiming = False
             self._signals.notify_progress()

@@ -94,22 +94,6 @@ def _work_done(stats: Stats) -> dict[str, int]:
     return counters
 
 
-# How often each dispatcher sweeps for an ordered key whose next row was left waiting by an
-# emit and a settlement that raced (seconds), and how many keys one sweep takes at most.
-PROMOTE_EVERY = 2.0
-PROMOTE_KEYS = 1000
-
-
-async def promote_stranded(pool: asyncpg.Pool, sql: Sql) -> None:
-    """Make due the next row of ordered keys whose head left while an emit of the key was
-    committing (each missed the other's row). Rare; the claim's head test keeps the order
-    whatever this does."""
-    while True:
-        await anyio.sleep(PROMOTE_EVERY)
-        with contextlib.suppress(*DB_ERRORS):  # the poll loop reports database trouble
-            await pool.execute(sql.promote_stranded, PROMOTE_KEYS)
-
-
 async def housekeeping(pool: asyncpg.Pool, sql: Sql, config: DispatcherConfig) -> None:
     """Expire what the library keeps for a while: per-root budgets, depth cutoffs."""
     budgets = config.max_executions_per_root is not None

@@ -41,8 +41,11 @@ class ClaimSql(Statements):
         # lock more rows than asked for. A claimed row's due_at becomes its lease expiry, so
         # the same index finds new rows and expired leases; the lease token tells them
         # apart (a non-null token on a due row means the previous claim was orphaned).
-        self.claim = f"""
-            WITH tick AS (
+        # The cool-down sweep, run with one claim per sweep interval (Poller: SWEEP_EVERY),
+        # not with every claim: planning it doubled the claim's planning time, the largest
+        # part of a claim of a few rows.
+        sweep = f"""
+            tick AS (
                 -- A breaker whose cool-down is over lets one probe row through (half-open).
                 -- Driven from the tiny breakers table: the outbox is only looked at for the
                 -- open breakers whose time is up, one index probe each.
@@ -60,6 +63,24 @@ class ClaimSql(Statements):
                 WHERE b.trigger_id = c.trigger_id AND c.probe IS NOT NULL
                 RETURNING b.trigger_id
             ),
+            -- The backstop of migration 0014's promotion triggers: a key's first waiting row
+            -- whose key has no earlier row left and is not blocked is made due (a rolled-back
+            -- settlement, a row another client wrote). $6: at most that many keys a sweep.
+            waiting AS MATERIALIZED (
+                SELECT DISTINCT ON (w.trigger_id, w.order_key) w.id
+                FROM {s}.outbox w
+                WHERE w.order_key IS NOT NULL AND w.due_at = {WAITING}
+                    AND w.parked_at IS NULL
+                ORDER BY w.trigger_id, w.order_key, w.key_seq
+                LIMIT $6
+            ),
+            promoted AS (
+                UPDATE {s}.outbox o SET due_at = clock_timestamp()
+                FROM waiting
+                WHERE o.id = waiting.id AND o.due_at = {WAITING} AND {key_head(s, "o")}
+                RETURNING o.id
+            ),"""
+        claim = f"""
             -- Pauses, breakers, rate-limit holds and the triggers this process holds back
             -- ($5: its local breaker view, ahead of the shared one), folded once per claim
             -- into a few small arrays: the predicates below then stay plain per-row filters
@@ -112,6 +133,10 @@ class ClaimSql(Statements):
             FROM due
             WHERE o.id = due.id
             RETURNING {CLAIMED}"""
+        # Rows promoted by the sweep were waiting in the statement's snapshot (due_at
+        # 'infinity'), so its claim never takes them: each row is changed once at most.
+        self.claim = "WITH" + claim
+        self.claim_and_sweep = "WITH" + sweep + claim
         # A synchronous call: one reply-to row for one trigger, written already leased by
         # the calling process, which executes it at once. Should that process die, the lease
         # expires and, once the caller's deadline has passed too, any dispatcher answers it
@@ -125,22 +150,6 @@ class ClaimSql(Statements):
                 t.id, t.scope, t.name, t.target, t.registered_by, {T_POLICY}
             FROM {s}.triggers t WHERE t.id = $7
             RETURNING {CLAIMED}"""
-        # The backstop of migration 0014's promotion triggers: a key's first waiting row whose
-        # key has no earlier row left and is not blocked is made due (a rolled-back
-        # settlement, a row another client wrote). $1: at most that many keys per sweep.
-        self.promote_stranded = f"""
-            WITH waiting AS MATERIALIZED (
-                SELECT DISTINCT ON (w.trigger_id, w.order_key) w.id
-                FROM {s}.outbox w
-                WHERE w.order_key IS NOT NULL AND w.due_at = {WAITING}
-                    AND w.parked_at IS NULL
-                ORDER BY w.trigger_id, w.order_key, w.key_seq
-                LIMIT $1
-            )
-            UPDATE {s}.outbox o SET due_at = clock_timestamp()
-            FROM waiting
-            WHERE o.id = waiting.id AND o.due_at = {WAITING} AND {key_head(s, "o")}
-            RETURNING o.id"""
         # Bounded so that sampling a huge backlog stays cheap; both parts use the due index.
         self.backlog_sample = f"""
             SELECT (SELECT count(*) FROM (

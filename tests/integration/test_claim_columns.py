@@ -49,6 +49,13 @@ async def test_claim_and_invocation_return_the_decoders_columns(
     token = uuid.uuid4()
     (record,) = await conn.fetch(q.claim, 10, token, "inbox", 5.0, [])
     assert tuple(record.keys()) == CLAIMED_COLUMNS
+    # The claim that also sweeps returns the same columns.
+    await emit_many(conn, [Mutation("acme", "users", "users/3", Op.PUT, {"n": 3})], autocommit=True)
+    (swept,) = await conn.fetch(q.claim_and_sweep, 10, uuid.uuid4(), "inbox", 5.0, [], 1000)
+    assert tuple(swept.keys()) == CLAIMED_COLUMNS
+    payload = claimed_row(swept).payload
+    assert isinstance(payload, dict)
+    assert payload["key"] == "users/3"
     row = claimed_row(record)
     assert row.lease_token == token
     assert row.trigger_id == trigger.id
