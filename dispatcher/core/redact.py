@@ -87,6 +87,9 @@ _BRACKET = re.compile(r"[\[\]{}]")
 _URL_PASSWORD = re.compile(r"(?<![\w+.-])([A-Za-z][\w+.-]*+://[^\s:/?#]*+:)[^\s/?#]*@")
 
 
+# Values with nothing inside to walk.
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
 # Key names whose verdict is kept (then forgotten all at once: a bound, not a policy).
 _MAX_VERDICTS = 4096
 
@@ -178,11 +181,11 @@ class Redactor:
         return frozenset(s for s in found if len(s) >= MIN_SECRET_LENGTH)
 
     def _collect(self, value: JsonValue, found: set[str], depth: int) -> None:
-        if depth > 200:
-            return
+        if depth > 200 or type(value) in _SCALARS:
+            return  # (scalars first: most of a payload, and an ABC check each is slow)
         if type(value) is dict or isinstance(value, Mapping):
             for k, v in value.items():
-                if self.is_sensitive(str(k)):
+                if self.is_sensitive(k if type(k) is str else str(k)):
                     _strings(v, found, depth + 1)
                 else:
                     self._collect(v, found, depth + 1)
