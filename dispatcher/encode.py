@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from itertools import chain
 from typing import Any, cast
 
@@ -48,17 +49,9 @@ def encode_values(mutation: Mutation, max_bytes: int) -> tuple[str, str | None]:
     A value is refused by its size before it is serialised when a cheap walk shows that its
     text must be too long, and refused when it nests deeper than :data:`MAX_NESTING`.
     """
-    head, tail = _frame(mutation)
     old = mutation.old
-    try:
-        # The text around the value and the old value ("null" when there is none).
-        frame = len(head.encode("utf-8")) + len(tail.encode("utf-8")) + len("}")
-    except UnicodeEncodeError:
-        raise InvalidInput(
-            "mutation",
-            f"{mutation.scope}/{mutation.namespace}/{mutation.key}",
-            "its scope, namespace or key contains a lone surrogate, which is not valid Unicode",
-        ) from None
+    # The text around the value and the old value ("null" when there is none).
+    frame = _frame_bytes(mutation)
     if old is None:
         frame += len("null")
     floor = frame + _text_size_floor("value", mutation.value, max_bytes - frame)
@@ -82,6 +75,39 @@ def encode_values(mutation: Mutation, max_bytes: int) -> tuple[str, str | None]:
             f"event payload for key {mutation.key!r}", size, max_bytes, "max_payload_bytes"
         )
     return value_text, old_text
+
+
+# The payload's text around the value and the old value, less the parts that vary (the
+# closing brace included): what _frame writes for empty strings and numbers.
+_FRAME_FIXED = len('{"event_id":"","scope":,"namespace":,"key":,"op":"","value":')
+_FRAME_FIXED += len(',"depth":,"root":"","old":') + len("}")
+# What JSON text writes escaped, without ensure_ascii: a string holding none of it is its
+# characters between two quotes.
+_ESCAPED = re.compile(r'["\\\x00-\x1f]')
+
+
+def _frame_bytes(mutation: Mutation) -> int:
+    """The length in UTF-8 bytes of :func:`_frame`'s two texts and the closing brace, without
+    writing them (the bulk path measures every mutation's frame)."""
+    size = _FRAME_FIXED + len(mutation.op.value) + len(str(int(mutation.depth)))
+    size += _uuid_chars(mutation.event_id) + _uuid_chars(mutation.root)
+    try:
+        for text in (mutation.scope, mutation.namespace, mutation.key):
+            if _ESCAPED.search(text) is None:
+                size += len(text.encode("utf-8")) + 2
+            else:
+                size += len(_dumps(text).encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidInput(
+            "mutation",
+            f"{mutation.scope}/{mutation.namespace}/{mutation.key}",
+            "its scope, namespace or key contains a lone surrogate, which is not valid Unicode",
+        ) from None
+    return size
+
+
+def _uuid_chars(value: uuid.UUID) -> int:
+    return 36 if type(value) is uuid.UUID else len(str(value))
 
 
 def _frame(mutation: Mutation) -> tuple[str, str]:
@@ -115,8 +141,13 @@ def _encode(field: str, value: object) -> tuple[str, int]:
     return text, size
 
 
+# json.dumps with these options builds an encoder per call; one serves every call (it keeps
+# no state between them).
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
 def _dumps(value: object) -> str:
-    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return _ENCODER.encode(value)
 
 
 # Exact types measured without a per-item Python call; a level holding anything else (a

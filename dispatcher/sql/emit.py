@@ -1,5 +1,5 @@
 """Fan-out: the producers' calls into the emit functions (migrations 0007, 0010, 0011,
-0012, 0014, 0015)."""
+0012, 0014, 0015, 0016)."""
 
 from __future__ import annotations
 
