@@ -654,6 +654,29 @@ async def wal_per_row(ctx: Context, rows: int) -> None:
             await conn.close()
 
 
+_STAT_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+def _machine_ticks() -> dict[str, int]:
+    """The machine's CPU time by kind since boot (the first line of /proc/stat), in ticks."""
+    try:
+        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        return dict(zip(_STAT_FIELDS, (int(x) for x in first), strict=False))
+    except (OSError, ValueError):
+        return {}
+
+
+def _machine_split(before: dict[str, int], after: dict[str, int], wall: float) -> str:
+    """Cores of the machine by kind between two readings (idle and iowait left out)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parts = [
+        f"{k} {(after[k] - before[k]) / tick / wall:.2f}"
+        for k in _STAT_FIELDS
+        if k not in ("idle", "iowait") and k in before and k in after
+    ]
+    return ", ".join(parts)
+
+
 async def drain_waits(ctx: Context, rows: int) -> None:
     """What 1, 2 and 4 dispatcher processes draining ``rows`` due rows spend their time on:
     throughput, the cores the dispatchers and Postgres use (against the machine's), the CPU
@@ -682,6 +705,7 @@ async def drain_waits(ctx: Context, rows: int) -> None:
                         started.append(await Child.worker(f"waits{i}", "consume", "--dsn", dsn))
                     await asyncio.gather(*(c.ready() for c in started))
                     meter.start([c.pid for c in started])
+                    ticks = _machine_ticks()
                     for c in started:
                         c.go()
                     done = asyncio.Event()
@@ -709,6 +733,7 @@ async def drain_waits(ctx: Context, rows: int) -> None:
                     done.set()
                     await sampler
                     cpu = meter.stop()
+                    split = _machine_split(ticks, _machine_ticks(), cpu["wall"])
                     for c in started:
                         await c.finish()
                 wall = cpu["wall"]
@@ -720,6 +745,7 @@ async def drain_waits(ctx: Context, rows: int) -> None:
                     f"({cpu['postgres'] / rows * 1e6:.1f} µs/row), machine busy "
                     f"{cpu['machine_busy'] / wall:.2f} of {cpu['cores']:.0f} cores"
                 )
+                print(f"    machine, cores by kind: {split}")
                 for state, n in states.most_common(8):
                     print(f"    {100 * n / total:5.1f}%  {state}")
         finally:

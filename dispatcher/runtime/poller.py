@@ -44,16 +44,35 @@ log = logging.getLogger("dispatcher")
 
 # After a wake-up hint, poll every LINGER_POLL seconds for NOTIFY_LINGER seconds. A producer
 # sends at most one hint per notify interval (dispatcher.emit), so the rows whose hint it
-# folded into an earlier one committed within that interval after it: a poll one interval
-# after each hint finds them, where a longer one was the tail of the commit-to-start latency.
-NOTIFY_LINGER = 0.05
-LINGER_POLL = DEFAULT_NOTIFY_INTERVAL
+# folded into an earlier one committed within that interval after it: polls half an
+# interval apart for two intervals after each hint find them within half an interval (the
+# hint's own delivery and a late commit are what the second interval is for). Only that
+# long: a latest-state key's next row, made due when its delivery settles, is left to the
+# next poll tick (docs/embedding.md), not taken by a linger poll after its own emit's hint
+# (other keys' hints may still keep the poller lingering). A producer with a longer
+# notify_interval than the default has its folded rows taken by the next tick.
+NOTIFY_LINGER = 2 * DEFAULT_NOTIFY_INTERVAL
+LINGER_POLL = DEFAULT_NOTIFY_INTERVAL / 2
 
 # At most this often (seconds), a claim also sweeps (ClaimSql.claim_and_sweep): an open
 # breaker whose cool-down is over lets its probe through, and an ordered key's next row left
 # waiting by an emit and a settlement that raced is made due, at most SWEEP_KEYS keys.
 SWEEP_EVERY = 1.0
 SWEEP_KEYS = 1000
+
+
+def next_claim_in(*, elapsed: float, since_hint: float, poll_interval: float) -> float:
+    """Seconds from now to the next claim, after a cycle whose claim began ``elapsed``
+    seconds ago, ``since_hint`` seconds after the latest wake-up hint.
+
+    Ticks start every poll interval, whatever the claim took: a row that became due waits at
+    most one interval (plus a claim), not an interval plus the claim and the dispatch of its
+    batch. Within NOTIFY_LINGER of a hint, claims start LINGER_POLL apart instead, for rows
+    whose hint a producer folded into an earlier one."""
+    wait = max(0.0, poll_interval - elapsed)
+    if since_hint < NOTIFY_LINGER:
+        wait = min(wait, max(0.0, LINGER_POLL - elapsed))
+    return wait
 
 
 class Poller:
@@ -149,14 +168,11 @@ class Poller:
         if len(records) == want and not signals.is_stopping():
             return  # a full batch: more is probably due, claim again at once
         signals.phase = Phase.EXECUTING if self._executions.in_flight else Phase.IDLE
-        # Ticks start every poll interval, whatever the claim took: a row that became
-        # due waits at most one interval (plus a claim), not an interval plus the claim
-        # and the dispatch of its batch.
-        wait = max(0.0, cfg.poll_interval - (time.perf_counter() - started))
-        if time.monotonic() - self._last_notify < NOTIFY_LINGER:
-            # Producers send at most one hint per notify_interval: while hints keep
-            # coming, poll again soon for rows whose hint was folded into an earlier one.
-            wait = min(wait, LINGER_POLL)
+        wait = next_claim_in(
+            elapsed=time.perf_counter() - started,
+            since_hint=time.monotonic() - self._last_notify,
+            poll_interval=cfg.poll_interval,
+        )
         with anyio.move_on_after(wait):
             await signals.wake.wait()
 
