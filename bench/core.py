@@ -267,6 +267,24 @@ def percentile(values: Sequence[float], q: float) -> float:
     return float(ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo))
 
 
+# The machine's CPU time by kind, as the first line of /proc/stat counts it.
+STAT_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+def machine_ticks() -> dict[str, int]:
+    """The machine's CPU time by kind since boot, in clock ticks ({} where /proc is not)."""
+    try:
+        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        return dict(zip(STAT_FIELDS, (int(x) for x in first), strict=False))
+    except (OSError, ValueError):
+        return {}
+
+
+def busy_ticks(ticks: dict[str, int]) -> int:
+    """Of ``machine_ticks()``, the time not idle (idle and iowait left out)."""
+    return sum(v for k, v in ticks.items() if k not in ("idle", "iowait"))
+
+
 def rss_bytes(pid: int) -> int:
     """Resident set size of a process (Linux /proc: the bench's meters are Linux-only)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -318,13 +336,8 @@ class CpuMeter:
         }
 
     def _machine_busy(self) -> float:
-        try:
-            first = Path("/proc/stat").read_text().split("\n", 1)[0]
-            ticks = [int(x) for x in first.split()[1:]]
-        except (OSError, ValueError):
-            return float("nan")
-        idle = ticks[3] + ticks[4]  # idle + iowait
-        return (sum(ticks[:8]) - idle) / self._tick
+        ticks = machine_ticks()
+        return busy_ticks(ticks) / self._tick if ticks else float("nan")
 
     def _stat(self, pid: int | str) -> list[str] | None:
         try:
@@ -387,12 +400,10 @@ class NoiseMeter:
         }
 
     def _snapshot(self) -> tuple[float, float, dict[int, float]] | None:
-        try:
-            first = Path("/proc/stat").read_text().split("\n", 1)[0]
-        except OSError:
+        ticks = machine_ticks()
+        if not ticks:
             return None
-        ticks = [int(x) for x in first.split()[1:]]
-        busy = (sum(ticks[:8]) - ticks[3] - ticks[4]) / self._tick
+        busy = busy_ticks(ticks) / self._tick
         parents: dict[int, int] = {}
         cpu: dict[int, float] = {}
         bench_backends: set[int] = set()

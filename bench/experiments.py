@@ -47,7 +47,16 @@ import asyncpg
 import dispatcher
 from bench import querylog
 from bench.child import Child, children
-from bench.core import BENCH_DIR, DEFAULT_DSN, Context, CpuMeter, Sizes, cpu_summary
+from bench.core import (
+    BENCH_DIR,
+    DEFAULT_DSN,
+    STAT_FIELDS,
+    Context,
+    CpuMeter,
+    Sizes,
+    cpu_summary,
+    machine_ticks,
+)
 from bench.core import postmaster_pid as find_postmaster
 from bench.drain import _wait_settled, drain
 from bench.fixtures import (
@@ -654,24 +663,13 @@ async def wal_per_row(ctx: Context, rows: int) -> None:
             await conn.close()
 
 
-_STAT_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
-
-
-def _machine_ticks() -> dict[str, int]:
-    """The machine's CPU time by kind since boot (the first line of /proc/stat), in ticks."""
-    try:
-        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-        return dict(zip(_STAT_FIELDS, (int(x) for x in first), strict=False))
-    except (OSError, ValueError):
-        return {}
-
-
 def _machine_split(before: dict[str, int], after: dict[str, int], wall: float) -> str:
-    """Cores of the machine by kind between two readings (idle and iowait left out)."""
+    """Cores of the machine by kind between two ``machine_ticks()`` readings (idle and
+    iowait left out)."""
     tick = os.sysconf("SC_CLK_TCK")
     parts = [
         f"{k} {(after[k] - before[k]) / tick / wall:.2f}"
-        for k in _STAT_FIELDS
+        for k in STAT_FIELDS
         if k not in ("idle", "iowait") and k in before and k in after
     ]
     return ", ".join(parts)
@@ -705,7 +703,7 @@ async def drain_waits(ctx: Context, rows: int) -> None:
                         started.append(await Child.worker(f"waits{i}", "consume", "--dsn", dsn))
                     await asyncio.gather(*(c.ready() for c in started))
                     meter.start([c.pid for c in started])
-                    ticks = _machine_ticks()
+                    ticks = machine_ticks()
                     for c in started:
                         c.go()
                     done = asyncio.Event()
@@ -733,7 +731,7 @@ async def drain_waits(ctx: Context, rows: int) -> None:
                     done.set()
                     await sampler
                     cpu = meter.stop()
-                    split = _machine_split(ticks, _machine_ticks(), cpu["wall"])
+                    split = _machine_split(ticks, machine_ticks(), cpu["wall"])
                     for c in started:
                         await c.finish()
                 wall = cpu["wall"]

@@ -718,3 +718,42 @@ async def test_fan_out_recursion_stops_at_the_per_root_budget(
     assert await table(conn, "outbox") == []
     # The KV writes themselves went through; only their trigger rows were held back.
     assert await conn.fetchval("SELECT count(*) FROM dispatcher.kv") > 21
+
+
+async def test_a_row_whose_hint_was_folded_is_claimed_by_the_follow_up_polls(
+    dsn: str, conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dispatcher.runtime import poller
+
+    # Lingering long enough that the test's own pace cannot outrun it; the poll tick far
+    # longer than the wait below: only the polls that follow a hint can find row 2.
+    monkeypatch.setattr(poller, "NOTIFY_LINGER", 30.0)
+    handlers = HandlerRegistry()
+    started: dict[str, anyio.Event] = {"users/1": anyio.Event(), "users/2": anyio.Event()}
+
+    @handlers.handler("seen")
+    async def seen(ctx: HandlerContext) -> None:
+        started[str(ctx.event["key"])].set()
+
+    await trigger(conn, "seen", "seen")
+    emit = (
+        "SELECT * FROM dispatcher.emit(gen_random_uuid(), 'acme', 'users', $1, 'put',"
+        " '{}'::jsonb, 0, NULL, 100, $2)"
+    )
+    d = Dispatcher(dsn, handlers, config=DispatcherConfig(poll_interval=60, breaker_threshold=0))
+    async with anyio.create_task_group() as tg:
+        await tg.start(d.run)
+        with anyio.fail_after(15):
+            # Its LISTEN is in place (durable state on the server), so the hint is heard.
+            while not await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND application_name = 'dispatcher:listen' AND query LIKE 'LISTEN%'"
+            ):
+                with anyio.move_on_after(0.2):  # its LISTEN set up, it claims: progress
+                    await d.progressed()
+            await conn.execute(emit, "users/1", True)  # with the wake-up hint
+            await started["users/1"].wait()
+            # Committed after the hint, with none of its own (as a producer folds it).
+            await conn.execute(emit, "users/2", False)
+            await started["users/2"].wait()
+        d.stop()
